@@ -1,0 +1,138 @@
+"""Multi-directional Mamba-2 mixers over a grid of visual tokens: ML-Mamba's BSM and CSM scans.
+
+One mixer serves every connector that scans (MSC, VSS-L2). The input projection, the gated RMSNorm and the
+output projection are shared by all directions; each direction has its own causal conv1d, ``dt_bias``, ``A_log``
+and ``D`` (initialised as copies), exactly as in the authors' bidirectional Mamba-2 (their mamba_ssm fork,
+``bimamba_type="v2"``). Each direction scans the tokens in its own order, is put back into patch order, normalised
+with the shared gate, and the directions are averaged before the output projection.
+
+* ``"bidirectional"`` (BSM): forward and reversed sequence.
+* ``"cross"`` (CSM, the paper's cross scan; not in the released code): the patch grid read row by row and column by
+  column, each forwards and backwards (four sequences).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+
+from .ml_mamba_ssd import ssd_scan
+
+try:  # GPU fast path for the depthwise causal convolution
+    from causal_conv1d import causal_conv1d_fn
+except Exception:
+    causal_conv1d_fn = None
+
+SCAN_DIRECTIONS = {"bidirectional": 2, "cross": 4}
+
+
+def scan_orders(scan: str, num_tokens: int, device=None) -> list[torch.Tensor]:
+    """Token orders read by each direction, as index tensors over the patch (row-major) order."""
+    forward = torch.arange(num_tokens, device=device)
+    if scan == "bidirectional":
+        return [forward, forward.flip(0)]
+    if scan == "cross":
+        side = math.isqrt(num_tokens)
+        if side * side != num_tokens:
+            raise ValueError(f"The cross scan needs a square patch grid, got {num_tokens} visual tokens.")
+        by_column = forward.view(side, side).t().reshape(-1)
+        return [forward, forward.flip(0), by_column, by_column.flip(0)]
+    raise ValueError(f"Unknown scan {scan!r}: expected one of {sorted(SCAN_DIRECTIONS)}.")
+
+
+class ScanDirection(nn.Module):
+    """The per-direction SSM parameters: causal conv1d, dt_bias, A_log and D."""
+
+    def __init__(self, conv_dim: int, num_heads: int, conv_kernel: int, use_conv_bias: bool = True):
+        super().__init__()
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, conv_kernel, groups=conv_dim, padding=conv_kernel - 1,
+                                bias=use_conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(num_heads))
+        self.A_log = nn.Parameter(torch.empty(num_heads))
+        self.D = nn.Parameter(torch.empty(num_heads))
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self, time_step_min=1e-3, time_step_max=0.1, time_step_floor=1e-4, generator=None):
+        """Mamba-2's initialisation: A = -[1..heads], D = 1, dt log-uniform in [min, max] stored as softplus^-1."""
+        num_heads = self.A_log.numel()
+        self.A_log.copy_(torch.log(torch.arange(1, num_heads + 1, dtype=torch.float32)))
+        self.D.fill_(1.0)
+        dt = torch.exp(torch.rand(num_heads, generator=generator) * (math.log(time_step_max) - math.log(time_step_min))
+                       + math.log(time_step_min)).clamp(min=time_step_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def causal_conv(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Depthwise causal conv1d + SiLU over (batch, length, channels)."""
+        weight = self.conv1d.weight.squeeze(1)
+        if causal_conv1d_fn is not None and hidden_states.is_cuda:
+            out = causal_conv1d_fn(hidden_states.transpose(1, 2), weight, self.conv1d.bias, activation="silu")
+            return out.transpose(1, 2)
+        length = hidden_states.shape[1]
+        out = self.conv1d(hidden_states.transpose(1, 2))[..., :length]
+        return F.silu(out).transpose(1, 2)
+
+
+class MultiScanMamba2Mixer(nn.Module):
+    """A Mamba-2 mixer that scans a token grid in 2 (BSM) or 4 (CSM) directions and averages them."""
+
+    def __init__(self, hidden_size: int, scan: str = "bidirectional", state_size: int = 128, head_dim: int = 64,
+                 expand: int = 2, n_groups: int = 1, conv_kernel: int = 4, chunk_size: int = 256,
+                 layer_norm_epsilon: float = 1e-5, use_bias: bool = False, use_conv_bias: bool = True,
+                 time_step_limit=(0.0, float("inf"))):
+        super().__init__()
+        if scan not in SCAN_DIRECTIONS:
+            raise ValueError(f"Unknown connector scan {scan!r}: expected one of {sorted(SCAN_DIRECTIONS)}.")
+        self.scan = scan
+        self.intermediate_size = expand * hidden_size
+        if self.intermediate_size % head_dim:
+            raise ValueError(f"expand * hidden_size ({self.intermediate_size}) must be a multiple of head_dim "
+                             f"({head_dim}) in the connector's Mamba-2 mixer.")
+        self.num_heads = self.intermediate_size // head_dim
+        if self.num_heads % n_groups:
+            raise ValueError(f"The number of heads ({self.num_heads}) must be a multiple of n_groups ({n_groups}).")
+        self.head_dim, self.n_groups, self.state_size = head_dim, n_groups, state_size
+        self.chunk_size = chunk_size
+        self.time_step_limit = tuple(time_step_limit)
+        self.conv_dim = self.intermediate_size + 2 * n_groups * state_size
+
+        # Order of the projection: [z (gate), x, B, C, dt], as in mamba_ssm and transformers
+        self.in_proj = nn.Linear(hidden_size, self.intermediate_size + self.conv_dim + self.num_heads, bias=use_bias)
+        self.directions = nn.ModuleList(
+            ScanDirection(self.conv_dim, self.num_heads, conv_kernel, use_conv_bias)
+            for _ in range(SCAN_DIRECTIONS[scan])
+        )
+        self.norm = MambaRMSNormGated(self.intermediate_size, group_size=self.intermediate_size // n_groups,
+                                      eps=layer_norm_epsilon)
+        self.out_proj = nn.Linear(self.intermediate_size, hidden_size, bias=use_bias)
+
+    def scan_direction(self, direction: ScanDirection, xbc: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        """Conv + SSD scan of one direction's token order. xbc (b, l, conv_dim), dt (b, l, heads) -> (b, l, d_inner)."""
+        batch, length, _ = xbc.shape
+        xbc = direction.causal_conv(xbc)
+        x, B, C = xbc.split([self.intermediate_size, self.n_groups * self.state_size,
+                             self.n_groups * self.state_size], dim=-1)
+        y = ssd_scan(
+            x.reshape(batch, length, self.num_heads, self.head_dim), dt, -torch.exp(direction.A_log.float()),
+            B.reshape(batch, length, self.n_groups, self.state_size),
+            C.reshape(batch, length, self.n_groups, self.state_size),
+            self.chunk_size, D=direction.D, dt_bias=direction.dt_bias, dt_softplus=True,
+            dt_limit=self.time_step_limit,
+        )
+        return y.reshape(batch, length, self.intermediate_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states (batch, tokens, hidden) in patch order -> same shape."""
+        gate, xbc, dt = self.in_proj(hidden_states).split(
+            [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        merged = 0
+        for direction, order in zip(self.directions, scan_orders(self.scan, hidden_states.shape[1],
+                                                                 hidden_states.device)):
+            y = self.scan_direction(direction, xbc[:, order], dt[:, order])
+            y = y[:, torch.argsort(order)]  # back to patch order
+            merged = merged + self.norm(y, gate)
+        merged = merged / len(self.directions)
+        return self.out_proj(merged.to(self.out_proj.weight.dtype))

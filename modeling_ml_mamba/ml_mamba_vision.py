@@ -1,0 +1,63 @@
+"""Vision towers: any transformers vision model, or two of them fused channel-wise (Cobra/ML-Mamba's DINOv2+SigLIP)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModel
+
+
+def patch_features(tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int, patch_size: int) -> torch.Tensor:
+    """Patch tokens of one tower at ``feature_layer`` (prefix tokens such as CLS and registers dropped).
+
+    (images, 3, H, W) -> (images, (H / patch) * (W / patch), hidden).
+    """
+    outputs = tower(pixel_values=pixel_values.to(tower.dtype), output_hidden_states=True)
+    hidden = outputs.hidden_states[feature_layer]
+    num_patches = (pixel_values.shape[-2] // patch_size) * (pixel_values.shape[-1] // patch_size)
+    return hidden[:, -num_patches:]  # CLIP/DINOv2 put their prefix tokens first; SigLIP has none
+
+
+class FusedVisionTower(nn.Module):
+    """Two towers on one 6-channel ``pixel_values`` (each tower's own normalisation); features concatenated, first
+    tower first (DINOv2 then SigLIP, as in Cobra and ML-Mamba)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.first_tower = AutoModel.from_config(config.first_tower)
+        self.second_tower = AutoModel.from_config(config.second_tower)
+        self.patch_size = config.patch_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.first_tower.dtype
+
+    def forward(self, pixel_values: torch.Tensor, feature_layer: int) -> torch.Tensor:
+        if pixel_values.shape[1] != 6:
+            raise ValueError(f"The fused vision tower expects 6-channel pixel_values (one normalisation per tower), got "
+                             f"shape {tuple(pixel_values.shape)}; use MLMambaProcessor with `image_normalizations`.")
+        first = patch_features(self.first_tower, pixel_values[:, :3], feature_layer, self.patch_size)
+        second = patch_features(self.second_tower, pixel_values[:, 3:], feature_layer, self.patch_size)
+        return torch.cat([first, second], dim=-1)
+
+
+class VisionTower(nn.Module):
+    """One transformers vision model read at ``feature_layer``."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.model = AutoModel.from_config(config)
+        self.patch_size = config.patch_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def forward(self, pixel_values: torch.Tensor, feature_layer: int) -> torch.Tensor:
+        return patch_features(self.model, pixel_values, feature_layer, self.patch_size)
+
+
+def build_vision_tower(vision_config) -> nn.Module:
+    if vision_config.model_type == "ml_mamba_fused_vision":
+        return FusedVisionTower(vision_config)
+    return VisionTower(vision_config)

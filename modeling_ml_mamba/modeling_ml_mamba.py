@@ -1,0 +1,258 @@
+"""ML-Mamba, Cobra and VL-Mamba as transformers models: vision tower -> connector -> Mamba language model.
+
+The data flow reads top to bottom in `MLMambaModel.forward`, the Llava way: embed the text, encode the images
+(`get_image_features`), find the `<image>` placeholders (`get_placeholder_mask`), scatter the visual features into
+the embeddings, run the Mamba LM. The LM is transformers' own `Mamba2Model` / `MambaModel`, so its cache
+(a `DynamicCache` of constant-size conv + SSM states), left padding and mamba-ssm kernels come from transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+
+from .configuration_ml_mamba import MLMambaConfig
+from .ml_mamba_connectors import build_connector
+from .ml_mamba_scan import ScanDirection
+from .ml_mamba_vision import build_vision_tower
+
+
+@dataclass
+class MLMambaModelOutput(ModelOutput):
+    """Output of `MLMambaModel`: the LM's last hidden state, its recurrent cache and the projected image features."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    cache_params: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class MLMambaCausalLMOutput(ModelOutput):
+    """Output of `MLMambaForConditionalGeneration`."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache_params: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class MLMambaPreTrainedModel(PreTrainedModel):
+    config_class = MLMambaConfig
+    config: MLMambaConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _is_stateful = True  # a recurrent cache cannot be rolled back: no assisted decoding
+    _skip_keys_device_placement = ["cache_params", "past_key_values"]
+    _supports_sdpa = True  # lets `attn_implementation="sdpa"` reach the vision tower
+    _supports_flash_attn = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)  # Linear/Conv/LayerNorm/Embedding with config.initializer_range
+        if isinstance(module, ScanDirection):
+            heads = module.A_log.numel()
+            init.copy_(module.A_log, torch.log(torch.arange(1, heads + 1, dtype=torch.float32)))
+            init.ones_(module.D)
+            dt = torch.exp(torch.rand(heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+            init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt), as Mamba-2 does
+            init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
+            if module.conv1d.bias is not None:
+                init.zeros_(module.conv1d.bias)
+        elif isinstance(module, MambaRMSNormGated):
+            init.ones_(module.weight)
+
+
+class MLMambaModel(MLMambaPreTrainedModel):
+    """Vision tower + connector + Mamba LM, without the LM head. Returns the LM's hidden states."""
+
+    def __init__(self, config: MLMambaConfig):
+        super().__init__(config)
+        self.vision_tower = build_vision_tower(config.vision_config)
+        self.connector = build_connector(config, config.vision_config.hidden_size, config.text_config.hidden_size)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """(images, C, H, W) -> (images, num_image_tokens, text_hidden): vision tower, selected layer, connector."""
+        features = self.vision_tower(pixel_values, self.config.vision_feature_layer)
+        connector_dtype = next(self.connector.parameters()).dtype
+        return self.connector(features.to(connector_dtype))
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None) -> torch.BoolTensor:
+        """Mask of `<image>` positions, (batch, seq, hidden); checks that their number matches the features."""
+        if self.config.image_token_id is None:
+            raise ValueError("config.image_token_id is not set: set it to the processor's `image_token_id`.")
+        if input_ids is None:
+            image_embedding = self.get_input_embeddings()(
+                torch.tensor(self.config.image_token_id, device=inputs_embeds.device))
+            is_image = (inputs_embeds == image_embedding).all(-1)
+        else:
+            is_image = input_ids == self.config.image_token_id
+        if image_features is not None:
+            per_sample = is_image.sum(-1).tolist()
+            num_images, tokens_per_image = image_features.shape[:2]
+            if sum(per_sample) != num_images * tokens_per_image:
+                raise ValueError(
+                    f"Image features and image tokens do not match: the input holds {sum(per_sample)} `<image>` "
+                    f"tokens (per sample: {per_sample}) but {num_images} image(s) x {tokens_per_image} tokens = "
+                    f"{num_images * tokens_per_image} features. Expand each placeholder to "
+                    f"config.num_image_tokens={self.config.num_image_tokens} tokens (MLMambaProcessor does this) and "
+                    f"pass one image per placeholder."
+                )
+        return is_image.unsqueeze(-1).expand_as(inputs_embeds)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        cache_params: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> MLMambaModelOutput:
+        cache_params = cache_params if cache_params is not None else past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_features = None
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
+        elif input_ids is not None and self.config.image_token_id is not None and not _is_decoding(cache_params):
+            count = int((input_ids == self.config.image_token_id).sum())
+            if count:
+                raise ValueError(f"The input holds {count} `<image>` tokens but no `pixel_values` were given.")
+
+        # No **kwargs: transformers' Mamba models pass them on to their mixer kernels.
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            cache_params=cache_params,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            attention_mask=attention_mask,
+            return_dict=True,
+        )
+        return MLMambaModelOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            cache_params=outputs.cache_params,
+            hidden_states=outputs.hidden_states,
+            image_hidden_states=image_features,
+        )
+
+
+def _is_decoding(cache_params: Cache | None) -> bool:
+    """True once the recurrent cache holds a state, i.e. after prefill (a generated `<image>` id is then just text)."""
+    return cache_params is not None and cache_params.has_previous_state(0)
+
+
+class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
+    """ML-Mamba with its LM head: the class to load, fine-tune and `generate` with.
+
+    ```python
+    >>> from transformers import AutoModelForImageTextToText, AutoProcessor
+    >>> model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)
+    >>> processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    >>> messages = [{"role": "user", "content": [{"type": "image", "image": image},
+    ...                                          {"type": "text", "text": "Which digit is shown?"}]}]
+    >>> inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+    ...                                        return_dict=True, return_tensors="pt")
+    >>> output = model.generate(**inputs, max_new_tokens=8)
+    ```
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embeddings.weight"}
+
+    def __init__(self, config: MLMambaConfig):
+        super().__init__(config)
+        self.model = MLMambaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        return self.model.get_image_features(pixel_values)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        cache_params: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> MLMambaCausalLMOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch, seq)`, *optional*): next-token targets (shifted inside);
+            -100 and `<image>` positions are ignored.
+        logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `n` positions (0 = all).
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            cache_params=cache_params if cache_params is not None else past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep].to(self.lm_head.weight.dtype)).float()
+
+        loss = None
+        if labels is not None:
+            if self.config.image_token_id is not None:
+                labels = labels.masked_fill(labels == self.config.image_token_id, -100)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
+                                      **kwargs)
+        return MLMambaCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            cache_params=outputs.cache_params,
+            hidden_states=outputs.hidden_states,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+
+__all__ = ["MLMambaPreTrainedModel", "MLMambaModel", "MLMambaForConditionalGeneration"]

@@ -1,0 +1,119 @@
+"""`MLMambaProcessor`: images and text in, the tensors `MLMambaForConditionalGeneration` reads out."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AddedToken
+from transformers.image_utils import make_flat_list_of_images
+from transformers.processing_utils import ProcessorMixin
+
+from .ml_mamba_chat_templates import ZEPHYR_CHAT_TEMPLATE
+from .ml_mamba_image_utils import map_images
+
+# The two normalisations of the fused DINOv2 + SigLIP tower, in tower order (DESIGN.md).
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+SIGLIP_MEAN, SIGLIP_STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
+DINO_SIGLIP_NORMALIZATIONS = [{"mean": IMAGENET_MEAN, "std": IMAGENET_STD}, {"mean": SIGLIP_MEAN, "std": SIGLIP_STD}]
+
+
+class MLMambaProcessor(ProcessorMixin):
+    r"""Image processor + tokenizer for ML-Mamba, Cobra and VL-Mamba models.
+
+    Each `<image>` placeholder in the text is expanded to `num_image_tokens` tokens (the number the model's connector
+    emits, `config.num_image_tokens`), which the model replaces with visual features.
+
+    Args:
+        image_processor: any transformers image processor (e.g. `SiglipImageProcessor`). For the fused DINOv2+SigLIP
+            tower, give it `do_normalize=False` behaviour via `image_normalizations` (see below).
+        tokenizer: any tokenizer. `<image>` is added as a special token when missing, the padding side is set to
+            "left" (what batched generation needs; TRL pads training batches on the right itself) and a missing pad
+            token falls back to the end-of-sequence token.
+        chat_template (`str`, *optional*): defaults to the Zephyr template of Cobra / ML-Mamba.
+        num_image_tokens (`int`): tokens per image, i.e. `model.config.num_image_tokens`.
+        image_token (`str`, defaults to `"<image>"`).
+        image_normalizations (`list[dict]`, *optional*): one `{"mean": [...], "std": [...]}` per tower of a fused vision
+            tower; the image is resized and rescaled once and normalised once per tower, giving `pixel_values` with
+            3 channels per tower (`DINO_SIGLIP_NORMALIZATIONS` for ML-Mamba and Cobra).
+        max_prompt_length (`int`, *optional*): prompts longer than this (image tokens included) are rejected with
+            a `ValueError` instead of being silently truncated through the image tokens.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, num_image_tokens=None,
+                 image_token="<image>", image_normalizations=None, max_prompt_length=None, **kwargs):
+        if tokenizer is None:
+            raise ValueError("MLMambaProcessor needs a `tokenizer`.")
+        if image_token not in tokenizer.get_vocab():
+            tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if num_image_tokens is not None and (not isinstance(num_image_tokens, int) or num_image_tokens < 1):
+            raise ValueError(f"`num_image_tokens` must be a positive int, got {num_image_tokens!r}.")
+        self.image_token = image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.num_image_tokens = num_image_tokens
+        self.image_normalizations = image_normalizations
+        self.max_prompt_length = max_prompt_length
+        super().__init__(image_processor, tokenizer,
+                         chat_template=chat_template if chat_template is not None else ZEPHYR_CHAT_TEMPLATE)
+
+    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        """`processor(images=..., text=...)`: text is a string or a list (one per sample); images a list in
+        placeholder order, or one list per sample (then each sample's count is checked)."""
+        if images is not None:
+            images = map_images(images)
+        outputs = super().__call__(images=images, text=text, videos=videos, audio=audio, **kwargs)
+        if self.max_prompt_length is not None and "input_ids" in outputs:
+            self._check_prompt_lengths(outputs)
+        return outputs
+
+    def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        if text is not None and images is not None and isinstance(images, list) and len(images) == len(text) \
+                and any(isinstance(sample, list) for sample in images):
+            for index, (sample_text, sample_images) in enumerate(zip(text, images)):
+                found = sample_text.count(self.image_token)
+                given = len(sample_images) if isinstance(sample_images, list) else 1
+                if found != given:
+                    raise ValueError(f"Sample {index} has {found} {self.image_token} placeholder(s) but {given} "
+                                     f"image(s); put one placeholder in the text for each image.")
+        super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        if self.num_image_tokens is None:
+            raise ValueError("This processor does not know how many tokens an image takes: build it with "
+                             "`num_image_tokens=model.config.num_image_tokens`.")
+        return self.image_token * self.num_image_tokens
+
+    def _process_images(self, images, **kwargs):
+        if not self.image_normalizations:
+            return super()._process_images(images, **kwargs)
+        # One resize + rescale, then one normalisation per tower, stacked on the channel axis.
+        kwargs = {**kwargs, "do_normalize": False, "return_tensors": "pt"}
+        processed = self.image_processor(images, **kwargs)
+        pixels = processed["pixel_values"]
+        channels = []
+        for norm in self.image_normalizations:
+            mean = torch.tensor(norm["mean"], dtype=pixels.dtype).view(1, -1, 1, 1)
+            std = torch.tensor(norm["std"], dtype=pixels.dtype).view(1, -1, 1, 1)
+            channels.append((pixels - mean) / std)
+        processed["pixel_values"] = torch.cat(channels, dim=1)
+        replacements = [self.replace_image_token(processed, image_idx=i)
+                        for i in range(len(make_flat_list_of_images(images)))]
+        return processed, replacements
+
+    def _check_prompt_lengths(self, outputs):
+        if "attention_mask" in outputs:
+            lengths = [int(sum(mask)) if isinstance(mask, list) else int(mask.sum()) for mask in outputs["attention_mask"]]
+        else:
+            lengths = [len(ids) for ids in outputs["input_ids"]]
+        for index, length in enumerate(lengths):
+            if length > self.max_prompt_length:
+                raise ValueError(f"Sample {index} is {length} tokens long (image tokens included), more than "
+                                 f"max_prompt_length={self.max_prompt_length}. Shorten the text or raise the limit.")
+
+    @property
+    def model_input_names(self):
+        return ["input_ids", "attention_mask", "pixel_values"]
+
+
+__all__ = ["MLMambaProcessor", "DINO_SIGLIP_NORMALIZATIONS"]
