@@ -181,8 +181,8 @@ class MLMambaConfig(PreTrainedConfig):
             raise ValueError(f"Unknown connector_scan {self.connector_scan!r}: expected one of {CONNECTOR_SCANS}.")
         if self.image_size is None:
             self.image_size = self.vision_config.image_size
-        if self.image_size % self.vision_config.patch_size:
-            raise ValueError(f"image_size ({self.image_size}) must be a multiple of the vision patch size "
+        if self.image_size < self.vision_config.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) is smaller than the vision patch size "
                              f"({self.vision_config.patch_size}).")
         # Weight tying follows the LM (mamba2-2.7b ties its embeddings); the top-level flag is the one transformers reads.
         if self.tie_word_embeddings is None:
