@@ -13,7 +13,7 @@ is an error that lists the keys), checks all shapes before writing, and reloads 
 from .assemble import IMAGE_FIRST_ZEPHYR_TEMPLATE, VISION_BACKBONES
 from .checkpoints import ConversionError, KeyMapper, load_pickle, resolve_file
 from .mamba_ssm_lm import convert_mamba_ssm_lm, read_mamba_ssm_config, text_config_from_mamba_ssm
-from .original_vlms import convert_cobra, convert_ml_mamba, ml_mamba_connector_rules
+from .original_vlms import convert_cobra, convert_ml_mamba, map_cobra, map_ml_mamba, ml_mamba_connector_rules
 
 __all__ = [
     "convert_ml_mamba",
@@ -26,6 +26,8 @@ __all__ = [
     "read_mamba_ssm_config",
     "text_config_from_mamba_ssm",
     "ml_mamba_connector_rules",
+    "map_ml_mamba",
+    "map_cobra",
     "IMAGE_FIRST_ZEPHYR_TEMPLATE",
     "VISION_BACKBONES",
 ]

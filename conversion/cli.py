@@ -38,6 +38,8 @@ def _vlm(parser: argparse.ArgumentParser, towers_default) -> None:
     parser.add_argument("--vision-towers", nargs="+", default=towers_default, metavar="ID_OR_DIR",
                         help="transformers ports of the vision towers, DINOv2 first (default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=None, help="input resolution (default: the release's)")
+    parser.add_argument("--hub-id", default=None, help="repo id the model card's usage snippet loads (default: the "
+                        "output folder's name); use the id you will push to")
     parser.add_argument("--skip-forward-check", action="store_true",
                         help="after reloading, do not run a test forward pass (the weights are still compared)")
 
@@ -80,11 +82,12 @@ def main(argv=None) -> int:
             report = convert_ml_mamba(args.checkpoint, args.output_dir, checkpoint_file=args.checkpoint_file,
                                       vision_towers=args.vision_towers, image_size=args.image_size or DEFAULT_VISION[1],
                                       tokenizer=args.tokenizer, lm_config=args.lm_config, n_groups=args.n_groups,
-                                      forward_check=not args.skip_forward_check, **common)
+                                      forward_check=not args.skip_forward_check, hub_id=args.hub_id, **common)
         elif args.command == "cobra":
             report = convert_cobra(args.checkpoint, args.output_dir, model_id=args.model_id,
                                    vision_towers=args.vision_towers, image_size=args.image_size,
-                                   tokenizer=args.tokenizer, forward_check=not args.skip_forward_check, **common)
+                                   tokenizer=args.tokenizer, forward_check=not args.skip_forward_check,
+                                   hub_id=args.hub_id, **common)
         else:
             from .mamba_ssm_lm import convert_mamba_ssm_lm
 

@@ -53,6 +53,15 @@ def _tensor(state, key):
     return state[key]
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal tensors (one shared tensor when tied); meta tensors, which hold no values, only by identity."""
+    if a is b:
+        return True
+    if a.is_meta or b.is_meta or a.shape != b.shape:
+        return False
+    return torch.equal(a, b)
+
+
 def _agree(name: str, from_config, from_shapes):
     if from_config is not None and from_config != from_shapes:
         raise ConversionError(f"config.json says {name}={from_config} but the weights have {name}={from_shapes}.")
@@ -90,7 +99,7 @@ def text_config_from_mamba_ssm(state: Mapping[str, torch.Tensor], ssm_config: di
         padded = cfg["vocab_size"] + (-cfg["vocab_size"]) % multiple
         _agree("vocab_size (padded to a multiple of pad_vocab_size_multiple)", padded, vocab_size)
     has_head = lm_head_key is not None and lm_head_key in state
-    same_as_embedding = has_head and torch.equal(state[lm_head_key], state[f"{prefix}embedding.weight"])
+    same_as_embedding = has_head and _same(state[lm_head_key], state[f"{prefix}embedding.weight"])
     if given:
         tied = bool(cfg.get("tie_embeddings", True))
         if has_head and tied and not same_as_embedding:

@@ -120,27 +120,72 @@ def _vision_config(configs):
     return configs[0] if len(configs) == 1 else list(configs)
 
 
-def _finish(config_kwargs: dict, text_config, converted: dict, processor_kwargs: dict, output_dir, dtype: str,
-            max_shard_size: str, forward_check: bool, token, vision_configs) -> dict:
+# What the cards of converted models say about where the weights come from (DESIGN.md, the papers).
+ML_MAMBA_TRAINING = {
+    "recipe": "Converted with `ml-mamba-convert` from the authors' release; no further training. Original recipe "
+              "(ML-Mamba paper): stage 1 aligns the Mamba-2 Scan Connector and projector on image captions with the "
+              "LM frozen; stage 2 fine-tunes connector, projector and LM on instructions; AdamW, lr 2e-5, cosine "
+              "decay, warmup 3%, weight decay 0.1, bf16, vision towers frozen.",
+    "data": ["LLaVA 558K LAION-CC-SBU captions (alignment)", "LLaVA-v1.5 665K instruction mix (fine-tuning)"],
+}
+COBRA_TRAINING = {
+    "recipe": "Converted with `ml-mamba-convert` from the authors' release; no further training. Original recipe "
+              "(Cobra paper): no alignment stage; 2 epochs fine-tuning projector and LM, lr 2e-5, global batch 128, "
+              "weight decay 0.1, warmup 3%, vision towers frozen.",
+    "data": ["LLaVA-v1.5 665K", "LVIS-Instruct-4V", "LRV-Instruct (about 1.2M samples)"],
+}
+
+
+def _finish(text_config, converted: dict, config_kwargs: dict, *, vision_towers, tokenizer: str, output_dir,
+            dtype: str, max_shard_size: str, forward_check: bool, token, card: dict) -> dict:
+    """Vision towers, processor and config around the converted LM/connector tensors; save, verify, write the card."""
+    from ml_mamba.model_cards import save_model_card
     from modeling_ml_mamba import MLMambaConfig
 
-    fused = len(vision_configs) == 2
-    # Build the config once to learn the number of image tokens, then the processor, then the final config.
+    vision_configs, vision_tensors = vision_tower_tensors(vision_towers, token=token)
+    converted = {**converted, **vision_tensors}
+    # The config's number of image tokens sizes the processor; the processor's <image> id completes the config.
     probe = MLMambaConfig(vision_config=_vision_config(vision_configs), text_config=text_config, **config_kwargs)
-    processor = build_processor(num_image_tokens=probe.num_image_tokens, image_size=probe.image_size, fused=fused,
-                                token=token, **processor_kwargs)
+    processor = build_processor(tokenizer, num_image_tokens=probe.num_image_tokens, image_size=probe.image_size,
+                                fused=len(vision_configs) == 2, token=token)
     config = MLMambaConfig(vision_config=_vision_config(vision_configs), text_config=text_config,
                            image_token_id=check_image_token(processor, text_config.vocab_size), **config_kwargs)
     model = materialize(config, converted, torch_dtype(dtype))
-    return save_and_verify(model, processor, output_dir, converted, max_shard_size=max_shard_size,
-                           forward_check=forward_check)
+    report = save_and_verify(model, processor, output_dir, converted, max_shard_size=max_shard_size,
+                             forward_check=forward_check)
+    hub_id = card.pop("hub_id", None) or Path(output_dir).name
+    save_model_card(output_dir, model_id=hub_id,
+                    base_models=[base for base in [*vision_towers, *card.pop("base_models", [])]
+                                 if base.count("/") == 1 and not Path(base).exists()] or None,
+                    tags=["converted"], **card)
+    return report
+
+
+def map_ml_mamba(parts: dict, n_groups: int = 1, ssm_config: dict | None = None):
+    """ML-Mamba's checkpoint parts -> (LM config, renamed tensors, MLMambaConfig fields). Pure renaming and shape
+    reading: no file access, so it also runs on meta tensors."""
+    llm = sub_dict(parts, "llm_backbone", "checkpoint['model']")
+    text_config = text_config_from_mamba_ssm(llm, ssm_config, prefix="backbone.") if ssm_config else \
+        _text_config_with_groups(llm, n_groups)
+    if text_config.model_type != "mamba2":
+        raise ConversionError("ML-Mamba's llm_backbone should be a Mamba-2 LM (mixers with dt_bias); this one is "
+                              "Mamba-1.")
+    converted = mamba_ssm_lm_mapper(text_config, "backbone.", "lm_head.weight", LM, "lm_head.weight",
+                                    "llm_backbone").apply(llm)
+    for part, rules in ml_mamba_connector_rules().items():
+        converted.update(KeyMapper(part, rules).apply(sub_dict(parts, part, "checkpoint['model']")))
+    msc = _msc_settings(sub_dict(parts, "bidirectional_mamba", "checkpoint['model']"), n_groups)
+    config_kwargs = dict(connector_type="msc", connector_scan="bidirectional",
+                         tie_word_embeddings=text_config.tie_word_embeddings, **msc)
+    return text_config, converted, config_kwargs
 
 
 def convert_ml_mamba(checkpoint: str = ML_MAMBA_REPO, output_dir: str | Path = "ml-mamba-2.7b", *,
                      checkpoint_file: str = ML_MAMBA_FILE, vision_towers: Sequence[str] = DEFAULT_VISION[0],
                      image_size: int = DEFAULT_VISION[1], tokenizer: str = ZEPHYR_TOKENIZER,
                      lm_config: str | None = None, n_groups: int = 1, dtype: str = "float32",
-                     max_shard_size: str = "5GB", forward_check: bool = True, token=None) -> dict:
+                     max_shard_size: str = "5GB", forward_check: bool = True, hub_id: str | None = None,
+                     token=None) -> dict:
     """ML-Mamba's released checkpoint -> `MLMambaForConditionalGeneration` (MSC connector, Mamba-2 LM) in ``output_dir``.
 
     Args:
@@ -151,31 +196,18 @@ def convert_ml_mamba(checkpoint: str = ML_MAMBA_REPO, output_dir: str | Path = "
         lm_config: optional mamba_ssm `config.json` of the LM (`state-spaces/mamba2-2.7b`'s) to check against; the
             checkpoint alone is enough otherwise.
         n_groups: the Mamba-2 mixers' B/C groups (mamba_ssm's default 1; shapes alone cannot tell it).
-    Returns the verification report (see `save_and_verify`).
+        hub_id: the repo id the model card's usage snippet loads (default: the output folder's name).
+    Returns the verification report (see `save_and_verify`); the folder also gets a model card.
     """
     path = resolve_file(checkpoint, checkpoint_file, token=token)
     parts = _model_dict(path, {"llm_backbone", "mlp", "bidirectional_mamba", "projector"})
-    llm = sub_dict(parts, "llm_backbone", str(path))
-    if lm_config:
-        ssm_config = read_mamba_ssm_config(resolve_file(lm_config, "config.json", token=token))
-        text_config = text_config_from_mamba_ssm(llm, ssm_config, prefix="backbone.")
-    else:
-        text_config = _text_config_with_groups(llm, n_groups)
-    if text_config.model_type != "mamba2":
-        raise ConversionError("ML-Mamba's llm_backbone should be a Mamba-2 LM (mixers with dt_bias); this one is "
-                              "Mamba-1.")
-    converted = mamba_ssm_lm_mapper(text_config, "backbone.", "lm_head.weight", LM, "lm_head.weight",
-                                    "llm_backbone").apply(llm)
-    for part, rules in ml_mamba_connector_rules().items():
-        converted.update(KeyMapper(part, rules).apply(sub_dict(parts, part, str(path))))
-
-    vision_configs, vision_tensors = vision_tower_tensors(vision_towers, token=token)
-    converted.update(vision_tensors)
-    msc = _msc_settings(sub_dict(parts, "bidirectional_mamba", str(path)), n_groups)
-    config_kwargs = dict(connector_type="msc", connector_scan="bidirectional", image_size=image_size,
-                         tie_word_embeddings=text_config.tie_word_embeddings, **msc)
-    return _finish(config_kwargs, text_config, converted, dict(tokenizer_source=tokenizer), output_dir, dtype,
-                   max_shard_size, forward_check, token, vision_configs)
+    ssm_config = read_mamba_ssm_config(resolve_file(lm_config, "config.json", token=token)) if lm_config else None
+    text_config, converted, config_kwargs = map_ml_mamba(parts, n_groups, ssm_config)
+    card = dict(hub_id=hub_id, training=ML_MAMBA_TRAINING, base_models=[ML_MAMBA_REPO, "state-spaces/mamba2-2.7b"],
+                datasets=["liuhaotian/LLaVA-Pretrain", "liuhaotian/LLaVA-Instruct-150K"])
+    return _finish(text_config, converted, {**config_kwargs, "image_size": image_size}, vision_towers=vision_towers,
+                   tokenizer=tokenizer, output_dir=output_dir, dtype=dtype, max_shard_size=max_shard_size,
+                   forward_check=forward_check, token=token, card=card)
 
 
 def _text_config_with_groups(llm: dict, n_groups: int):
@@ -199,10 +231,24 @@ def _cobra_connector(arch_specifier: str) -> str:
                           f"*fused-gelu-mlp, *fused-ldpnet, *gelu-mlp).")
 
 
+def map_cobra(parts: dict, connector_type: str):
+    """Cobra's checkpoint parts -> (LM config, renamed tensors, MLMambaConfig fields); no file access."""
+    llm = sub_dict(parts, "llm_backbone", "checkpoint['model']")
+    text_config = text_config_from_mamba_ssm(llm, None, prefix="llm.backbone.", lm_head_key="llm.lm_head.weight")
+    converted = mamba_ssm_lm_mapper(text_config, "llm.backbone.", "llm.lm_head.weight", LM, "lm_head.weight",
+                                    "llm_backbone").apply(llm)
+    converted.update(KeyMapper("projector", cobra_projector_rules(connector_type)).apply(
+        sub_dict(parts, "projector", "checkpoint['model']")))
+    config_kwargs = dict(connector_type=connector_type, tie_word_embeddings=text_config.tie_word_embeddings)
+    if connector_type == "ldp":
+        config_kwargs["connector_pool_size"] = 14  # TokenDownLayer((14, 14)) in Cobra's FusedLDPProjector
+    return text_config, converted, config_kwargs
+
+
 def convert_cobra(checkpoint: str = COBRA_REPO, output_dir: str | Path = "cobra-3.5b", *, model_id: str = COBRA_MODEL,
                   vision_towers: Sequence[str] | None = None, image_size: int | None = None,
                   tokenizer: str | None = None, dtype: str = "float32", max_shard_size: str = "5GB",
-                  forward_check: bool = True, token=None) -> dict:
+                  forward_check: bool = True, hub_id: str | None = None, token=None) -> dict:
     """A released Cobra run (``config.json`` + ``checkpoints/latest-checkpoint.pt``) -> `MLMambaForConditionalGeneration`.
 
     Args:
@@ -211,10 +257,10 @@ def convert_cobra(checkpoint: str = COBRA_REPO, output_dir: str | Path = "cobra-
         vision_towers, image_size: default to the run's `vision_backbone_id` (`dinosiglip-vit-so-384px`: the
             DINOv2-with-registers and SigLIP-SO400M-384 ports at 384 px).
         tokenizer: defaults to the LM's: Zephyr's for `mamba-2.8b-zephyr`, GPT-NeoX-20B's otherwise.
+        hub_id: the repo id the model card's usage snippet loads (default: the output folder's name).
     """
     local = Path(checkpoint).is_dir()
-    subfolder = None if local else model_id
-    config_path = resolve_file(checkpoint, "config.json", subfolder=subfolder, token=token)
+    config_path = resolve_file(checkpoint, "config.json", subfolder=None if local else model_id, token=token)
     with open(config_path, encoding="utf-8") as handle:
         run_config = json.load(handle)
     run = run_config.get("model", run_config)
@@ -229,22 +275,15 @@ def convert_cobra(checkpoint: str = COBRA_REPO, output_dir: str | Path = "cobra-
         default_towers, default_size = VISION_BACKBONES[run["vision_backbone_id"]]
         vision_towers = vision_towers or default_towers
         image_size = image_size or default_size
-    tokenizer = tokenizer or (ZEPHYR_TOKENIZER if run["llm_backbone_id"].endswith("zephyr") else GPT_NEOX_TOKENIZER)
+    zephyr = run["llm_backbone_id"].endswith("zephyr")
+    tokenizer = tokenizer or (ZEPHYR_TOKENIZER if zephyr else GPT_NEOX_TOKENIZER)
 
     path = resolve_file(checkpoint, "latest-checkpoint.pt",
                         subfolder="checkpoints" if local else f"{model_id}/checkpoints", token=token)
-    parts = _model_dict(path, {"projector", "llm_backbone"})
-    llm = sub_dict(parts, "llm_backbone", str(path))
-    text_config = text_config_from_mamba_ssm(llm, None, prefix="llm.backbone.", lm_head_key="llm.lm_head.weight")
-    converted = mamba_ssm_lm_mapper(text_config, "llm.backbone.", "llm.lm_head.weight", LM, "lm_head.weight",
-                                    "llm_backbone").apply(llm)
-    converted.update(KeyMapper("projector", cobra_projector_rules(connector_type)).apply(
-        sub_dict(parts, "projector", str(path))))
-    vision_configs, vision_tensors = vision_tower_tensors(vision_towers, token=token)
-    converted.update(vision_tensors)
-    config_kwargs = dict(connector_type=connector_type, image_size=image_size,
-                         tie_word_embeddings=text_config.tie_word_embeddings)
-    if connector_type == "ldp":
-        config_kwargs["connector_pool_size"] = 14  # TokenDownLayer((14, 14)) in Cobra's FusedLDPProjector
-    return _finish(config_kwargs, text_config, converted, dict(tokenizer_source=tokenizer), output_dir, dtype,
-                   max_shard_size, forward_check, token, vision_configs)
+    text_config, converted, config_kwargs = map_cobra(_model_dict(path, {"projector", "llm_backbone"}), connector_type)
+    card = dict(hub_id=hub_id, training=COBRA_TRAINING,
+                base_models=[COBRA_REPO, ZEPHYR_TOKENIZER if zephyr else "state-spaces/mamba-2.8b-slimpj"],
+                datasets=["liuhaotian/LLaVA-Instruct-150K", "X2FD/LVIS-Instruct4V"])
+    return _finish(text_config, converted, {**config_kwargs, "image_size": image_size}, vision_towers=vision_towers,
+                   tokenizer=tokenizer, output_dir=output_dir, dtype=dtype, max_shard_size=max_shard_size,
+                   forward_check=forward_check, token=token, card=card)

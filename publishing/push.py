@@ -16,6 +16,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from .validate import SAFETENSORS_INDEX, ValidationReport, validate_folder
 
 # Never uploaded: version control, caches, Trainer checkpoints and TensorBoard runs (a trained model's output folder
@@ -102,19 +104,20 @@ def _reshard(weights: list[Path], staging: Path, max_shard_size: str | int) -> l
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
     located, meta = {}, {}
-    for path in weights:
+    for path in weights:  # shapes and dtypes from the headers only: meta tensors to plan the split
         with safe_open(path, framework="pt") as handle:
             for key in handle.keys():
                 tensor_slice = handle.get_slice(key)
-                dtype = getattr(torch, {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                                        "I32": "int32", "BOOL": "bool", "U8": "uint8", "I8": "int8",
-                                        "F64": "float64", "I16": "int16"}[tensor_slice.get_dtype()])
-                meta[key] = torch.empty(tensor_slice.get_shape(), dtype=dtype, device="meta")
+                meta[key] = torch.empty(tensor_slice.get_shape(), dtype=dtypes[tensor_slice.get_dtype()],
+                                        device="meta")
                 located[key] = path
     split = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size)
     written = []
-    for filename, keys in split.filename_to_tensors.items():
+    for filename, keys in tqdm(split.filename_to_tensors.items(), desc="re-sharding", unit="shard"):
         tensors = {}
         for key in keys:
             with safe_open(located[key], framework="pt") as handle:

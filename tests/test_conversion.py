@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 import torch.nn.functional as F
 from transformers import (
     AutoModelForCausalLM,
@@ -188,6 +189,9 @@ def test_ml_mamba_checkpoint_converts_and_matches_the_authors_math(sources, tmp_
     report = convert_ml_mamba(str(tmp_path), tmp_path / "converted", vision_towers=sources["towers"],
                               image_size=IMAGE_SIZE, tokenizer=sources["tokenizer"])
     assert report["tensors_checked"] > 0 and report["next_token"] is not None
+    card = ModelCard.load(tmp_path / "converted" / "README.md")
+    assert card.data.base_model == ["huangwenjun1994/ML-Mamba", "state-spaces/mamba2-2.7b"]  # local towers left out
+    assert "Converted with `ml-mamba-convert`" in card.text and "converted" in card.data.tags
 
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "converted", trust_remote_code=True).eval()
     config = model.config
@@ -279,7 +283,7 @@ def test_mamba_ssm_lm_converts_through_the_cli(kind, sources, tmp_path, capsys):
     ids = torch.tensor([[5, 17, 42, 99, 7, 300]])
     with torch.no_grad():
         torch.testing.assert_close(converted(input_ids=ids).logits, original(input_ids=ids).logits)
-    assert AutoProcessor is not None and (tmp_path / "out" / "tokenizer.json").is_file()
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
 
 
 def test_wrong_checkpoints_are_refused_with_the_keys(sources, tmp_path, capsys):
@@ -307,3 +311,75 @@ def test_wrong_checkpoints_are_refused_with_the_keys(sources, tmp_path, capsys):
     assert convert_cli(["ml-mamba", str(tmp_path / "cobra.pt"), "--output-dir", str(tmp_path / "out3"),
                         "--vision-towers", *sources["towers"], "--tokenizer", sources["tokenizer"]]) == 1
     assert "missing ['bidirectional_mamba', 'llm_backbone', 'mlp']" in capsys.readouterr().err
+
+
+def _meta(*shape):
+    return torch.empty(*shape, device="meta")
+
+
+def _full_size_mamba_lm(kind, prefix=""):
+    """The released LMs' exact key names and shapes as meta tensors (mamba2-2.7b; mamba-2.8b-zephyr), no values."""
+    d, vocab = 2560, 50288 if kind == "mamba2" else 50280
+    state = {"backbone.embedding.weight": _meta(vocab, d), "backbone.norm_f.weight": _meta(d)}
+    for layer in range(64):
+        if kind == "mamba2":
+            mixer = {"in_proj.weight": (10576, d), "conv1d.weight": (5376, 1, 4), "conv1d.bias": (5376,),
+                     "dt_bias": (80,), "A_log": (80,), "D": (80,), "norm.weight": (5120,), "out_proj.weight": (d, 5120)}
+        else:
+            mixer = {"in_proj.weight": (10240, d), "conv1d.weight": (5120, 1, 4), "conv1d.bias": (5120,),
+                     "x_proj.weight": (160 + 32, 5120), "dt_proj.weight": (5120, 160), "dt_proj.bias": (5120,),
+                     "A_log": (5120, 16), "D": (5120,), "out_proj.weight": (d, 5120)}
+        state.update({f"backbone.layers.{layer}.mixer.{k}": _meta(*v) for k, v in mixer.items()})
+        state[f"backbone.layers.{layer}.norm.weight"] = _meta(d)
+    state["lm_head.weight"] = state["backbone.embedding.weight"]
+    return {prefix + k: v for k, v in state.items()}
+
+
+def _language_and_connector_shapes(config):
+    from modeling_ml_mamba import MLMambaForConditionalGeneration
+
+    with torch.device("meta"):
+        model = MLMambaForConditionalGeneration(config)
+    return {k: v.shape for k, v in model.state_dict().items() if not k.startswith("model.vision_tower.")}
+
+
+@pytest.mark.parametrize("release", ["ml-mamba-2.7b", "cobra-3.5b"])
+def test_full_size_release_layouts_map_onto_the_presets(release):
+    """The real checkpoints' key names and shapes (as meta tensors) fill exactly the preset model, tied head included."""
+    from modeling_ml_mamba import preset_config
+
+    from ml_mamba.conversion import map_cobra, map_ml_mamba
+    from ml_mamba.conversion.checkpoints import check_against
+
+    preset = preset_config(release)
+    if release == "ml-mamba-2.7b":
+        mixer = {"in_proj.weight": (10576, 2560), "out_proj.weight": (2560, 5120), "norm.weight": (5120,)}
+        for suffix in ("", "_b"):
+            mixer.update({f"conv1d{suffix}.weight": (5376, 1, 4), f"conv1d{suffix}.bias": (5376,),
+                          f"dt_bias{suffix}": (80,), f"A_log{suffix}": (80,), f"D{suffix}": (80,)})
+        bidirectional = {"norm_f.weight": _meta(2560), "norm_f.bias": _meta(2560)}
+        for layer in range(2):
+            bidirectional.update({f"layers.{layer}.mixer.{k}": _meta(*v) for k, v in mixer.items()})
+            bidirectional.update({f"layers.{layer}.{name}": _meta(2560) for name in ("norm.weight", "norm.bias")})
+            for w in ("w1", "w2", "w3"):
+                bidirectional.update({f"layers.{layer}.mlp.{w}.weight": _meta(2560, 2560),
+                                      f"layers.{layer}.mlp.{w}.bias": _meta(2560)})
+        parts = {"llm_backbone": _full_size_mamba_lm("mamba2"), "bidirectional_mamba": bidirectional,
+                 "mlp": {"0.weight": _meta(2560, 2176), "0.bias": _meta(2560)},
+                 "projector": {"projector.0.weight": _meta(10240, 2560), "projector.0.bias": _meta(10240),
+                               "projector.2.weight": _meta(2560, 10240), "projector.2.bias": _meta(2560),
+                               "projector.4.weight": _meta(2560, 2560), "projector.4.bias": _meta(2560)}}
+        text_config, converted, fields = map_ml_mamba(parts)
+    else:
+        parts = {"llm_backbone": _full_size_mamba_lm("mamba", prefix="llm."),
+                 "projector": {"projector.0.weight": _meta(8704, 2176), "projector.0.bias": _meta(8704),
+                               "projector.2.weight": _meta(2560, 8704), "projector.2.bias": _meta(2560),
+                               "projector.4.weight": _meta(2560, 2560), "projector.4.bias": _meta(2560)}}
+        text_config, converted, fields = map_cobra(parts, "fused-mlp")
+    mixer = preset.connector_mixer_kwargs()  # the preset leaves the MSC mixer settings to the Mamba-2 LM's
+    for key, value in fields.items():
+        assert mixer.get(key.removeprefix("connector_"), getattr(preset, key)) == value, key
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size", "state_size", "expand", "tie_word_embeddings"):
+        assert getattr(text_config, key) == getattr(preset.text_config, key), key
+    converted["lm_head.weight"] = converted["model.language_model.embeddings.weight"]  # tied, as materialize does
+    check_against(converted, _language_and_connector_shapes(preset), release)
