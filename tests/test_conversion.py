@@ -2,8 +2,8 @@
 layouts (built here). Each converted folder is loaded through the Auto classes and compared with the original layer
 math on the same weights: ML-Mamba's connector against a direct re-implementation of the authors' bidirectional
 Mamba-2 block (forward + flipped scan, per-direction gated RMSNorm, averaged, out_proj), the LMs against transformers'
-own `Mamba2ForCausalLM` / `MambaForCausalLM.load_state_dict` on the original keys; the full-size release layouts (meta tensors) against the
-presets. Budget: ~20 s."""
+own `Mamba2ForCausalLM` / `MambaForCausalLM.load_state_dict` on the original keys; the full-size release layouts
+(meta tensors) against the presets. Budget: ~20 s."""
 
 import json
 import math
