@@ -15,8 +15,9 @@ Key names come from the authors' code (read, not copied):
   - ``projector``: `FusedMLPProjector(llm_dim, llm_dim)` -> ``projector.0/2/4``.
 * Cobra (`h-zhao1997/cobra`, ``cobra+3b/config.json`` + ``cobra+3b/checkpoints/latest-checkpoint.pt``), saved by
   the prismatic strategy as ``{"model": {"projector", "llm_backbone"}}``: ``projector.{0,2,4}`` (fused GELU
-  MLP; the `projector` Sequential inside `FusedMLPProjector`), ``projector.{0,2}`` + ``projector.4.peg.0`` (fused LDP), and the LM with its ``llm.`` attribute prefix
-  (``llm.backbone.embedding.weight``, ..., ``llm.lm_head.weight``; Mamba-1 mixers).
+  MLP; the `projector` Sequential inside `FusedMLPProjector`), ``projector.{0,2}`` + ``projector.4.peg.0`` (fused
+  LDP), and the LM with its ``llm.`` attribute prefix (``llm.backbone.embedding.weight``, ...,
+  ``llm.lm_head.weight``; Mamba-1 mixers).
 
 Vision weights are not in either checkpoint: they come from the transformers ports of the timm towers.
 """
@@ -57,7 +58,8 @@ def ml_mamba_connector_rules() -> dict[str, list[tuple[str, str | None]]]:
         bidirectional += [
             (rf"layers\.(\d+)\.mixer\.conv1d{suffix}\.(weight|bias)",
              CONNECTOR + rf"blocks.\1.mixer.directions.{direction}.conv1d.\2"),
-            (rf"layers\.(\d+)\.mixer\.(dt_bias|A_log|D){suffix}", CONNECTOR + rf"blocks.\1.mixer.directions.{direction}.\2"),
+            (rf"layers\.(\d+)\.mixer\.(dt_bias|A_log|D){suffix}",
+             CONNECTOR + rf"blocks.\1.mixer.directions.{direction}.\2"),
         ]
     bidirectional += [(r"layers\.(\d+)\.norm\.(weight|bias)", CONNECTOR + r"blocks.\1.norm.\2"),
                       (r"layers\.(\d+)\.mlp\.(w[123])\.(weight|bias)", CONNECTOR + r"blocks.\1.mlp.\2.\3"),
