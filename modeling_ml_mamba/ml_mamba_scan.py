@@ -30,6 +30,25 @@ except Exception:
 SCAN_DIRECTIONS = {"bidirectional": 2, "cross": 4}
 
 
+def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                            previous: torch.Tensor | None = None) -> torch.Tensor:
+    """Depthwise causal conv1d over (batch, length, channels), without activation, in that layout.
+
+    weight (channels, k), bias (channels,), previous (batch, k - 1, channels): the inputs before ``x`` (zeros if
+    None). Written as k shifted multiply-adds, which on CPU beats `F.conv1d` plus the two transposes it needs here.
+    """
+    length, kernel = x.shape[1], weight.shape[-1]
+    weight = weight.to(x.dtype)
+    left = previous.to(x.dtype) if previous is not None else x.new_zeros(x.shape[0], kernel - 1, x.shape[2])
+    padded = torch.cat([left, x], dim=1)  # (b, k - 1 + l, channels)
+    out = padded[:, kernel - 1:] * weight[:, -1]
+    if bias is not None:
+        out = out + bias.to(x.dtype)
+    for j in range(kernel - 1):
+        out.addcmul_(padded[:, j:j + length], weight[:, j])  # autograd-safe: nothing saved `out` for backward
+    return out
+
+
 def scan_orders(scan: str, num_tokens: int, device=None) -> list[torch.Tensor]:
     """Token orders read by each direction, as index tensors over the patch (row-major) order."""
     forward = torch.arange(num_tokens, device=device)
@@ -125,14 +144,44 @@ class MultiScanMamba2Mixer(nn.Module):
         return y.reshape(batch, length, self.intermediate_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """hidden_states (batch, tokens, hidden) in patch order -> same shape."""
+        """hidden_states (batch, tokens, hidden) in patch order -> same shape.
+
+        All directions run as one conv and one SSD scan: direction d's tokens, read in its own order, become heads
+        ``[d * heads, (d + 1) * heads)`` (and B/C groups ``[d * groups, (d + 1) * groups)``) of a single scan, which
+        is the same computation as `scan_direction` per direction, with a fraction of the kernel launches.
+        """
+        batch, length, _ = hidden_states.shape
+        num_directions = len(self.directions)
         gate, xbc, dt = self.in_proj(hidden_states).split(
             [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
-        merged = 0
-        for direction, order in zip(self.directions, scan_orders(self.scan, hidden_states.shape[1],
-                                                                 hidden_states.device)):
-            y = self.scan_direction(direction, xbc[:, order], dt[:, order])
-            y = y[:, torch.argsort(order)]  # back to patch order
-            merged = merged + self.norm(y, gate)
-        merged = merged / len(self.directions)
+        orders = torch.stack(scan_orders(self.scan, length, hidden_states.device), dim=1)  # (l, directions)
+        xbc = xbc[:, orders]  # (b, l, directions, conv_dim): step t of direction d reads token orders[t, d]
+        dt = dt[:, orders].reshape(batch, length, num_directions * self.num_heads)
+
+        weight = torch.cat([d.conv1d.weight[:, 0] for d in self.directions])  # (directions * conv_dim, k)
+        bias = torch.cat([d.conv1d.bias for d in self.directions]) if self.directions[0].conv1d.bias is not None else None
+        xbc = xbc.reshape(batch, length, num_directions * self.conv_dim)
+        if causal_conv1d_fn is not None and xbc.is_cuda:
+            xbc = causal_conv1d_fn(xbc.transpose(1, 2), weight, bias, activation="silu").transpose(1, 2)
+        else:
+            xbc = F.silu(causal_depthwise_conv1d(xbc, weight, bias))
+        xbc = xbc.reshape(batch, length, num_directions, self.conv_dim)
+        x, B, C = xbc.split([self.intermediate_size, self.n_groups * self.state_size,
+                             self.n_groups * self.state_size], dim=-1)
+
+        def stacked(name):  # the directions' per-head parameters, in head order
+            return torch.cat([getattr(d, name) for d in self.directions])
+
+        y = ssd_scan(
+            x.reshape(batch, length, num_directions * self.num_heads, self.head_dim), dt,
+            -torch.exp(stacked("A_log").float()),
+            B.reshape(batch, length, num_directions * self.n_groups, self.state_size),
+            C.reshape(batch, length, num_directions * self.n_groups, self.state_size),
+            self.chunk_size, D=stacked("D"), dt_bias=stacked("dt_bias"), dt_softplus=True,
+            dt_limit=self.time_step_limit,
+        ).reshape(batch, length, num_directions, self.intermediate_size)
+        # Back to patch order: token orders[t, d] is direction d's output at step t.
+        restore = torch.argsort(orders, dim=0)  # (l, directions)
+        y = y.gather(1, restore[None, :, :, None].expand_as(y))
+        merged = self.norm(y, gate[:, :, None]).mean(dim=2)  # shared gated norm per direction, then the average
         return self.out_proj(merged.to(self.out_proj.weight.dtype))

@@ -1,12 +1,14 @@
-"""Mamba-2 state space duality (SSD): the scan every ML-Mamba connector runs.
+"""Mamba-2 state space duality (SSD): the scan every ML-Mamba connector and the CPU fast path of the LM run.
 
-Three implementations behind one signature, chosen in one place (`ssd_scan`):
+Implementations behind one signature, chosen in one place (`ssd_scan`):
 
 * ``mamba_chunk_scan_combined`` from mamba-ssm (Triton) when it is installed and the tensors are on CUDA;
-* ``ssd_chunked``: a pure-PyTorch chunked SSD (the algorithm of the Mamba-2 paper, listing 1), for CPU and for
-  machines without mamba-ssm;
-* ``ssd_sequential``: the plain recurrence, one token at a time. It is slow and exists as the oracle the two fast
+* ``ssd_chunked``: a pure-PyTorch chunked SSD (the algorithm of the Mamba-2 paper, listing 1), written for CPUs
+  and machines without mamba-ssm;
+* ``ssd_sequential``: the plain recurrence, one token at a time. It is slow and exists as the oracle the fast
   paths are tested against.
+
+``ssd_step`` is the single-token recurrence used for decoding (the role of mamba-ssm's ``selective_state_update``).
 
 Shapes (b = batch, l = length, h = heads, p = head_dim, g = groups, n = state size):
     x (b, l, h, p), dt (b, l, h), A (h,), B and C (b, l, g, n), D (h,), state (b, h, p, n).
@@ -24,6 +26,13 @@ try:  # the GPU fast path; an optional extra (`pip install ml-mamba[cuda]`)
 except Exception:  # ImportError, or a broken CUDA build that fails at import
     mamba_chunk_scan_combined = None
 
+# Decay factors exp(a) with a < -60 (below 1e-26) are computed as exp(-60): their contribution is far below float32
+# resolution, and it keeps CPUs out of the denormal range (exp(-88)..exp(-103)), where arithmetic is ~10x slower.
+LOG_DECAY_FLOOR = -60.0
+# `ssd_chunked` works through long sequences in segments of about this many tokens, carrying the state between
+# them: intermediates stay a few MB (cache-friendly, no page faults) and peak memory grows only with the output.
+SEGMENT_TOKENS = 1024
+
 
 def _discretize_dt(dt, dt_bias, dt_softplus, dt_limit):
     dt = dt.float()
@@ -31,9 +40,20 @@ def _discretize_dt(dt, dt_bias, dt_softplus, dt_limit):
         dt = dt + dt_bias.float()
     if dt_softplus:
         dt = F.softplus(dt)
-    if dt_limit != (0.0, float("inf")):
+    if tuple(dt_limit) != (0.0, float("inf")):
         dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
     return dt
+
+
+def _check_shapes(x, dt, B, C):
+    batch, length, heads, _ = x.shape
+    if dt.shape != (batch, length, heads):
+        raise ValueError(f"dt must have shape (batch, length, heads) = {(batch, length, heads)}, got {tuple(dt.shape)}.")
+    if B.shape != C.shape or B.shape[:2] != (batch, length):
+        raise ValueError(f"B and C must both have shape (batch, length, groups, state) with batch, length = "
+                         f"{(batch, length)}; got B {tuple(B.shape)} and C {tuple(C.shape)}.")
+    if heads % B.shape[2]:
+        raise ValueError(f"The number of heads ({heads}) must be a multiple of the number of B/C groups ({B.shape[2]}).")
 
 
 def ssd_sequential(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf")),
@@ -58,72 +78,144 @@ def ssd_sequential(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, dt_l
     return (y, state) if return_final_state else y
 
 
+def _ssd_segment(x_dt, A_dt, B, C, chunk_size, state, track_grad):
+    """Chunked SSD over one segment of one B/C group, all float32, without the D skip.
+
+    x_dt (b, l, h, p) = dt * x, A_dt (b, l, h) = dt * A, B and C (b, l, n) shared by the h heads, state (b, n, h*p)
+    or None. The state is kept transposed, (n, h*p), so that both state matmuls read x and write y in their natural
+    (token, head, head_dim) layout without copies. Returns y (b, l, h, p) and the state after the segment.
+    """
+    batch, length, heads, head_dim = x_dt.shape
+    state_size = B.shape[-1]
+    q = min(chunk_size, length)
+    pad = (-length) % q
+    if pad:
+        x_dt = F.pad(x_dt, (0, 0, 0, 0, 0, pad))
+        A_dt = F.pad(A_dt, (0, 0, 0, pad))
+        B = F.pad(B, (0, 0, 0, pad))
+        C = F.pad(C, (0, 0, 0, pad))
+    c = (length + pad) // q
+    x_dt = x_dt.view(batch, c, q, heads, head_dim)
+    B = B.view(batch, c, q, state_size)
+    C = C.view(batch, c, q, state_size)
+    cum = A_dt.view(batch, c, q, heads).cumsum(2)  # (b, c, q, h): log decay since the chunk start
+    cum_h = cum.transpose(2, 3).contiguous()  # (b, c, h, q); contiguous so that `decay` below is, too
+
+    # 1. Inside each chunk (attention-like): y_l = sum_{s<=l} (C_l . B_s) exp(cum_l - cum_s) x_s.
+    #    cum is non-increasing, so clamping at 0 only touches s > l, which the causal mask on the scores zeroes.
+    scores = torch.matmul(C, B.transpose(-1, -2)).tril()  # (b, c, q_l, q_s)
+    decay = (cum_h[..., :, None] - cum_h[..., None, :]).clamp(LOG_DECAY_FLOOR, 0.0).exp()  # (b, c, h, q_l, q_s)
+    y_diag = torch.matmul(decay * scores[:, :, None], x_dt.transpose(2, 3))  # (b, c, h, q, p)
+    del scores, decay
+
+    # 2. The state each chunk leaves behind (started from zero), transposed: (b, c, n, h*p)
+    decay_to_end = (cum[:, :, -1:] - cum).clamp(min=LOG_DECAY_FLOOR).exp()  # (b, c, q, h)
+    x_decayed = (x_dt * decay_to_end[..., None]).view(batch, c, q, heads * head_dim)
+    chunk_states = torch.matmul(B.transpose(-1, -2), x_decayed).view(batch, c, state_size, heads, head_dim)
+    del x_decayed
+
+    # 3. Carry the state across chunks: a short loop over c = l / q chunks.
+    chunk_decay = cum[:, :, -1].clamp(min=LOG_DECAY_FLOOR).exp().view(batch, c, 1, heads, 1)
+    if track_grad:
+        start = (state.view(batch, state_size, heads, head_dim) if state is not None
+                 else x_dt.new_zeros(batch, state_size, heads, head_dim))
+        starts = [start]
+        for i in range(c):
+            starts.append(starts[-1] * chunk_decay[:, i] + chunk_states[:, i])
+        starts = torch.stack(starts, dim=1)  # (b, c + 1, n, h, p)
+    else:  # in place into one buffer
+        starts = x_dt.new_empty(batch, c + 1, state_size, heads, head_dim)
+        if state is None:
+            starts[:, 0].zero_()
+        else:
+            starts[:, 0].copy_(state.view(batch, state_size, heads, head_dim))
+        for i in range(c):
+            torch.addcmul(chunk_states[:, i], starts[:, i], chunk_decay[:, i], out=starts[:, i + 1])
+    starts = starts.view(batch, c + 1, state_size, heads * head_dim)
+
+    # 4. What the state a chunk starts from contributes: y_l += exp(cum_l) C_l . state
+    y = torch.matmul(C, starts[:, :c]).view(batch, c, q, heads, head_dim)
+    y = y * cum.clamp(min=LOG_DECAY_FLOOR).exp()[..., None] + y_diag.transpose(2, 3)
+    y = y.reshape(batch, c * q, heads, head_dim)
+    return (y[:, :length] if pad else y), starts[:, c]
+
+
 def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=False,
                 dt_limit=(0.0, float("inf")), initial_state=None, return_final_state=False):
     """Chunked SSD in PyTorch: quadratic attention-like form inside chunks, a recurrence across chunk states.
 
-    Works in float32 whatever the input dtype, like the Triton kernel. Heads that share a group of B/C are kept
-    grouped (no ``repeat_interleave`` of B and C to every head), which saves memory and time on CPU.
+    Works in float32 whatever the input dtype, like the Triton kernel. Written for CPUs: B/C groups become batch
+    entries (heads are never expanded over groups), every contraction is one batched matmul over contiguous memory,
+    the chunk recurrence is linear in the number of chunks, decays are floored out of the denormal range, and long
+    inputs are processed in segments of ``SEGMENT_TOKENS`` (bounded intermediates). Differentiable (the connectors
+    train through it).
     """
+    _check_shapes(x, dt, B, C)
     batch, length, heads, head_dim = x.shape
     groups, state_size = B.shape[2], B.shape[3]
-    heads_per_group = heads // groups
-    out_dtype = x.dtype
+    r = heads // groups  # heads per group
+    if length == 0:
+        raise ValueError("ssd_chunked needs at least one token (x has length 0).")
+    track_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, dt, A, B, C, D, dt_bias, initial_state))
+    A = A.float()
+    chunk_size = max(1, min(int(chunk_size), length))
+    segment = chunk_size * max(1, SEGMENT_TOKENS // chunk_size)
 
-    dt = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit)  # (b, l, h)
-    x_dt = x.float() * dt[..., None]  # discretised input, (b, l, h, p)
-    A_dt = dt * A.float()  # (b, l, h), log of the per-step decay
+    def by_group(t, *inner):  # (b, l, g, *inner) -> (b * g, l, *inner): groups are independent scans
+        t = t.reshape(batch, t.shape[1], groups, *inner)
+        return t.squeeze(2) if groups == 1 else t.transpose(1, 2).reshape(batch * groups, t.shape[1], *inner)
 
-    pad = (-length) % chunk_size
-    if pad:
-        x_dt = F.pad(x_dt, (0, 0, 0, 0, 0, pad))
-        A_dt = F.pad(A_dt, (0, 0, 0, pad))
-        B = F.pad(B, (0, 0, 0, 0, 0, pad))
-        C = F.pad(C, (0, 0, 0, 0, 0, pad))
-    chunks = (length + pad) // chunk_size
-    q = chunk_size
-
-    # (b, c, q, g, r, p) with r = heads per group; B and C (b, c, q, g, n)
-    x_dt = x_dt.view(batch, chunks, q, groups, heads_per_group, head_dim)
-    B = B.float().view(batch, chunks, q, groups, state_size)
-    C = C.float().view(batch, chunks, q, groups, state_size)
-    A_cumsum = A_dt.view(batch, chunks, q, groups, heads_per_group).cumsum(dim=2)  # (b, c, q, g, r)
-
-    # 1. Inside each chunk: y_l = sum_{s<=l} (C_l . B_s) exp(cum_l - cum_s) x_s
-    scores = torch.einsum("bclgn,bcsgn->bcgls", C, B)  # (b, c, g, q, q)
-    cum = A_cumsum.permute(0, 1, 3, 4, 2)  # (b, c, g, r, q)
-    segment = cum[..., :, None] - cum[..., None, :]  # (b, c, g, r, q_l, q_s)
-    causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
-    decay = torch.exp(segment.masked_fill(~causal, float("-inf")))
-    weights = scores[:, :, :, None] * decay  # (b, c, g, r, q, q)
-    y = torch.einsum("bcgrls,bcsgrp->bclgrp", weights, x_dt)
-
-    # 2. The state each chunk leaves behind, as if it had started from zero
-    decay_to_end = torch.exp(cum[..., -1:] - cum)  # (b, c, g, r, q)
-    chunk_states = torch.einsum("bcsgn,bcgrs,bcsgrp->bcgrpn", B, decay_to_end, x_dt)
-
-    # 3. Carry states across chunks (a short sequential loop over chunks: c = l / chunk_size)
-    chunk_decay = torch.exp(cum[..., -1])  # (b, c, g, r)
+    state = None  # (b * g, n, r * p)
     if initial_state is not None:
-        state = initial_state.float().view(batch, groups, heads_per_group, head_dim, state_size)
+        state = initial_state.float().reshape(batch * groups, r, head_dim, state_size).permute(0, 3, 1, 2)
+        state = state.reshape(batch * groups, state_size, r * head_dim)
+    outputs = []
+    for start in range(0, length, segment):
+        end = min(start + segment, length)
+        seg_dt = _discretize_dt(dt[:, start:end], dt_bias, dt_softplus, dt_limit)  # (b, s, h)
+        seg_x = x[:, start:end].float()
+        y, state = _ssd_segment(by_group(seg_x * seg_dt[..., None], r, head_dim), by_group(seg_dt * A, r),
+                                by_group(B[:, start:end].float(), state_size),
+                                by_group(C[:, start:end].float(), state_size), chunk_size, state, track_grad)
+        if groups > 1:  # (b * g, s, r, p) -> (b, s, h, p)
+            y = y.view(batch, groups, end - start, r, head_dim).transpose(1, 2)
+        y = y.reshape(batch, end - start, heads, head_dim)
+        if D is not None:
+            y = y + D.float()[:, None] * seg_x
+        outputs.append(y.to(x.dtype))
+    y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+    if return_final_state:  # (b * g, n, r * p) -> (b, h, p, n)
+        final_state = state.view(batch * groups, state_size, r, head_dim).permute(0, 2, 3, 1)
+        return y, final_state.reshape(batch, heads, head_dim, state_size)
+    return y
+
+
+def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):
+    """One recurrence step for decoding: returns ``(y, new_state)``.
+
+    state (b, h, p, n), x (b, h, p), dt (b, h), B and C (b, g, n) -> y (b, h, p) in x's dtype. The same arithmetic as
+    ``ssd_sequential``. Without autograd and with a float32 state, ``state`` is updated in place and returned as
+    ``new_state`` (no allocation per step); otherwise ``new_state`` is a new float32 tensor.
+    """
+    batch, heads, head_dim = x.shape
+    groups, state_size = B.shape[1], B.shape[2]
+    r = heads // groups
+    dt = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit)  # (b, h)
+    decay = (dt * A.float()).clamp(min=LOG_DECAY_FLOOR).exp().view(batch, groups, r, 1, 1)
+    x_dt = (x.float() * dt[..., None]).view(batch, groups, r, head_dim, 1)
+    B = B.float().view(batch, groups, 1, 1, state_size)
+    C = C.float().view(batch, groups, 1, state_size, 1)
+    grouped = state.view(batch, groups, r, head_dim, state_size)
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (state, x_dt, decay, B, C))
+    if state.dtype == torch.float32 and not tracked:
+        new_state = grouped.mul_(decay).addcmul_(x_dt, B)
     else:
-        state = x_dt.new_zeros(batch, groups, heads_per_group, head_dim, state_size)
-    start_states = []
-    for c in range(chunks):
-        start_states.append(state)
-        state = state * chunk_decay[:, c, ..., None, None] + chunk_states[:, c]
-    start_states = torch.stack(start_states, dim=1)  # (b, c, g, r, p, n)
-
-    # 4. Contribution of the state a chunk starts from
-    y = y + torch.einsum("bclgn,bcgrpn,bcgrl->bclgrp", C, start_states, torch.exp(cum))
-
-    y = y.reshape(batch, chunks * q, heads, head_dim)[:, :length]
+        new_state = grouped.float() * decay + x_dt * B
+    y = torch.matmul(new_state, C).view(batch, heads, head_dim)  # (b, g, r, p, 1) -> (b, h, p)
     if D is not None:
         y = y + D.float()[:, None] * x.float()
-    y = y.to(out_dtype)
-    if return_final_state:
-        return y, state.reshape(batch, heads, head_dim, state_size)
-    return y
+    return y.to(x.dtype), new_state.view(batch, heads, head_dim, state_size)
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=True, dt_limit=(0.0, float("inf")),

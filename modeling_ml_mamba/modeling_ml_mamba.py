@@ -21,6 +21,7 @@ from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
 
 from .configuration_ml_mamba import MLMambaConfig
 from .ml_mamba_connectors import build_connector
+from .ml_mamba_fast_mamba2 import enable_fast_mamba2
 from .ml_mamba_scan import ScanDirection
 from .ml_mamba_vision import build_vision_tower
 
@@ -81,6 +82,8 @@ class MLMambaModel(MLMambaPreTrainedModel):
         self.vision_tower = build_vision_tower(config.vision_config)
         self.connector = build_connector(config, config.vision_config.hidden_size, config.text_config.hidden_size)
         self.language_model = AutoModel.from_config(config.text_config)
+        if getattr(config, "use_fast_cpu_path", True):  # Mamba-2 LM: faster PyTorch path on CPU, same weights
+            enable_fast_mamba2(self.language_model)
         self.post_init()
 
     def get_input_embeddings(self):
