@@ -3,6 +3,7 @@
     ml-mamba-eval --model outputs/demo --tasks digits-vqa --data digits-vqa=outputs/demo/eval/digits_vqa.jsonl
     ml-mamba-eval --model <hub id> --tasks vqav2 gqa pope --limit 500 --batch-size 16 --dtype bfloat16
     accelerate launch --num_processes 8 -m ml_mamba.evaluation --model <hub id> --tasks textvqa --ocr before
+    accelerate launch --multi_gpu --num_processes 2 -m ml_mamba.evaluation ...   # two processes on a CPU-only box
 
 Interrupted runs resume from `<output-dir>/<task>/predictions.jsonl` when started again with the same arguments.
 """
@@ -17,7 +18,7 @@ from transformers import HfArgumentParser
 
 from .harness import evaluate_model, load_model
 from .results import summary_table
-from .tasks import TASKS
+from .tasks import TASKS, get_task
 
 
 @dataclass
@@ -79,6 +80,8 @@ def run(argv: list[str] | None = None) -> dict | None:
         if not sep or not source:
             parser.error(f"--data expects TASK=SOURCE, got {item!r}.")
         data[name] = source
+    for name in tasks + list(data):
+        get_task(name)  # unknown names fail here, before the model is loaded
     model, processor = load_model(args.model, dtype=args.dtype, device=args.device,
                                   trust_remote_code=args.trust_remote_code)
     results = evaluate_model(

@@ -213,7 +213,9 @@ def load_examples(task: Task, data: str | None = None, *, split: str | None = No
         qid = example.question_id
         example.uid = qid if counts[qid] == 1 else f"{qid}#{seen[qid]}"
         seen[qid] += 1
-    source = DataSource(kind=kind, location=location, split=split or (task.hub.split if kind == "hub" else None),
+    if kind != "file" and split is None:  # the split `_read_dataset` used
+        split = task.hub.split if task.hub else ("train" if kind == "hub-folder" else "test")
+    source = DataSource(kind=kind, location=location, split=split,
                         config=task.hub.config if kind == "hub" and task.hub and location == task.hub.repo else None,
                         num_rows=num_rows, limit=limit)
     return examples, source

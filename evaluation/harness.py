@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .data import load_examples
 from .results import task_entry, write_results
-from .runner import run_task
+from .runner import process_state, run_task
 from .tasks import TASKS, Task, get_task
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,6 @@ def load_model(model_id: str, *, dtype: str | None = None, device: str | None = 
     `trust_remote_code=True`. The model is put on `device` (default: this process's accelerator, see `accelerate`).
     """
     import torch
-    from accelerate import PartialState
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import modeling_ml_mamba  # noqa: F401  (registers the ML-Mamba Auto classes)
@@ -41,7 +40,7 @@ def load_model(model_id: str, *, dtype: str | None = None, device: str | None = 
     kwargs = {"dtype": torch_dtype[dtype]} if dtype else {}
     model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=trust_remote_code, **kwargs)
     processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
-    model.to(device or PartialState().device).eval()
+    model.to(device or process_state().device).eval()
     return model, processor
 
 
@@ -62,8 +61,6 @@ def evaluate_model(model, processor, tasks: list[str | Task], output_dir: str | 
 
     Returns the results dict on the main process (None on the others under `accelerate launch`).
     """
-    from accelerate import PartialState
-
     data, task_options = dict(data or {}), dict(task_options or {})
     model_id = model_id or getattr(model, "name_or_path", None) or type(model).__name__
     unknown = sorted(set(data) - {task if isinstance(task, str) else task.name for task in tasks})
@@ -76,7 +73,7 @@ def evaluate_model(model, processor, tasks: list[str | Task], output_dir: str | 
             task = get_task(task, **options)
         resolved.append(task)
 
-    entries, state = {}, PartialState()
+    entries, state = {}, process_state()
     for task in resolved:
         examples, source = load_examples(task, data.get(task.name), split=split, limit=limit, image_dir=image_dir)
         logger.info("%s: %d examples from %s", task.name, len(examples), source.location)

@@ -89,6 +89,16 @@ class PredictionStore:
             os.fsync(file.fileno())
 
 
+def process_state():
+    """accelerate's `PartialState`; several processes on a machine without an accelerator use gloo on the CPU
+    (accelerate picks that only when asked, e.g. after `torchrun` or `accelerate launch --multi_gpu` on a CPU box)."""
+    from accelerate import PartialState
+
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return PartialState(cpu=several and not has_accelerator)
+
+
 def check_run_config(task_dir: Path, config: dict, overwrite: bool = False) -> None:
     """Write `run_config.json`, or check that the one already there (a run to resume) is the same."""
     path = task_dir / RUN_CONFIG
@@ -187,9 +197,7 @@ def run_task(model, processor, task: Task, examples: list[Example], task_dir: st
     Under `accelerate launch` the remaining examples are split over the processes; only the main process scores and
     gets a `TaskRun` (the others get None). Predictions are appended to disk after every batch.
     """
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     task_dir = Path(task_dir)
     max_new_tokens = max_new_tokens or task.max_new_tokens
     tokenizer = getattr(processor, "tokenizer", processor)
@@ -228,6 +236,9 @@ def run_task(model, processor, task: Task, examples: list[Example], task_dir: st
                           for example, record in zip(batch, records)])
             bar.update(len(batch))
         bar.close()
+        if state.num_processes > 1:
+            logger.info("%s: process %d of %d predicted %d examples.", task.name, state.process_index,
+                        state.num_processes, len(shard))
     seconds = time.perf_counter() - start
     state.wait_for_everyone()
     if not state.is_main_process:
