@@ -99,7 +99,8 @@ def _read_dataset(task: Task, data: str | None, split: str | None):
             return dataset, None, "hub-folder", str(path), path
     if path.is_file():
         if path.suffix not in LOCAL_SUFFIXES:
-            raise ValueError(f"--data {task.name}={data}: expected a .jsonl, .json or .parquet file, got {path.suffix!r}.")
+            raise ValueError(f"--data {task.name}={data}: expected a .jsonl, .json or .parquet file, "
+                             f"got {path.suffix!r}.")
         try:
             dataset = datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
         except Exception as error:  # arrow's messages do not say which file

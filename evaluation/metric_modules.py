@@ -16,7 +16,7 @@ def metric_path(name: str) -> str:
     return str(METRICS_DIR / name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_metric(name: str, config_name: str | None = None):
     """`evaluate.load` of a shipped metric module (no Hub access), kept in memory only."""
     import evaluate

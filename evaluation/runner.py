@@ -39,7 +39,8 @@ class PredictionStore:
         self.own = self.final if num_processes == 1 else self.task_dir / f"predictions.rank-{process_index}.jsonl"
 
     def files(self) -> list[Path]:
-        return [path for path in [self.final, *sorted(self.task_dir.glob("predictions.rank-*.jsonl"))] if path.is_file()]
+        paths = [self.final, *sorted(self.task_dir.glob("predictions.rank-*.jsonl"))]
+        return [path for path in paths if path.is_file()]
 
     @staticmethod
     def _read(path: Path) -> list[dict]:
@@ -52,11 +53,12 @@ class PredictionStore:
                 continue
             try:
                 records.append(json.loads(line))
-            except json.JSONDecodeError:
+            except json.JSONDecodeError as error:
                 if number == len(lines) - 1:  # no newline after it: the write was interrupted
                     logger.warning("Dropping an incomplete last line of %s (interrupted write).", path)
                     continue
-                raise ValueError(f"{path}, line {number + 1}: not a JSON record; the predictions file is corrupt.")
+                raise ValueError(f"{path}, line {number + 1}: not a JSON record; the predictions file is "
+                                 f"corrupt.") from error
         return records
 
     def load(self) -> dict[str, dict]:
@@ -248,7 +250,8 @@ def run_task(model, processor, task: Task, examples: list[Example], task_dir: st
     ours = predictions[:len(order)]
     if [record["question_id"] for record in ours] != order:
         missing = sorted(set(order) - {record["question_id"] for record in predictions})
-        raise RuntimeError(f"{task.name}: {len(missing)} examples have no prediction after the run (e.g. {missing[:3]}).")
+        raise RuntimeError(f"{task.name}: {len(missing)} examples have no prediction after the run "
+                           f"(e.g. {missing[:3]}).")
     metrics = task.score([record["prediction"] for record in ours], examples)
     for record, score in zip(ours, metrics.pop("scores")):
         record["score"] = score  # kept in predictions.jsonl for error analysis

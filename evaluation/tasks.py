@@ -97,7 +97,8 @@ class Task:
             if value is None:
                 continue
             if value not in self.options[name]:
-                raise ValueError(f"Task {self.name!r}: option {name}={value!r} is not one of {list(self.options[name])}.")
+                raise ValueError(f"Task {self.name!r}: option {name}={value!r} is not one of "
+                                 f"{list(self.options[name])}.")
             self.settings[name] = value
 
     # --- rows -> examples ---------------------------------------------------------------------------------------
@@ -168,7 +169,8 @@ class TextVQA(VQAv2):
     def extras(self, row):
         tokens = row.get("ocr_tokens")
         if self.settings["ocr"] != "none" and tokens is None:
-            raise RowError(f"has no 'ocr_tokens' field: --ocr {self.settings['ocr']} needs the OCR tokens of each image")
+            raise RowError(f"has no 'ocr_tokens' field: --ocr {self.settings['ocr']} needs the OCR tokens of "
+                           f"each image")
         return {"ocr_tokens": list(tokens or [])}
 
     def prompt(self, example):

@@ -340,8 +340,9 @@ def test_accelerate_launch_shards_over_two_cpu_processes(loaded, saved_model, be
             "--batch-size", "2", "--no-progress"]
     single = cli_run(args + ["--output-dir", str(tmp_path / "single")])
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    launched = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    launched = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                               "--dynamo_backend", "no",
                                "-m", "ml_mamba.evaluation", *args, "--output-dir", str(tmp_path / "sharded")],
                               env=env, capture_output=True, text=True, timeout=300)
     assert launched.returncode == 0, launched.stderr[-4000:]
@@ -355,3 +356,33 @@ def test_accelerate_launch_shards_over_two_cpu_processes(loaded, saved_model, be
         assert not list((tmp_path / "sharded" / task).glob("predictions.rank-*"))  # merged into one file
         one, two = _predictions(tmp_path / "single", task), _predictions(tmp_path / "sharded", task)
         assert [r["prediction"] for r in one] == [r["prediction"] for r in two]
+
+
+def test_any_image_text_to_text_model_llava(bench, tmp_path):
+    """The harness is not tied to ML-Mamba: a tiny random transformers LLaVA, saved and reloaded through the Auto
+    classes, runs generated-text and next-token tasks."""
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from utils import CLIP, tokenizer
+
+    tok = tokenizer()
+    config = LlavaConfig(vision_config=dict(CLIP), image_token_id=tok.convert_tokens_to_ids("<image>"),
+                         text_config=dict(model_type="llama", hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                          vocab_size=len(tok), pad_token_id=0, bos_token_id=0, eos_token_id=0))
+    torch.manual_seed(0)
+    template = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
+                "{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
+                "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                  crop_size={"height": 32, "width": 32}),
+                               tokenizer=tok, patch_size=8, num_additional_image_tokens=1,
+                               vision_feature_select_strategy="default", chat_template=template)
+    LlavaForConditionalGeneration(config).save_pretrained(tmp_path / "llava")
+    processor.save_pretrained(tmp_path / "llava")
+    model, processor = load_model(str(tmp_path / "llava"))
+    results = evaluate_model(model, processor, ["digits-vqa", "pope"], tmp_path / "eval", batch_size=3,
+                             data={"digits-vqa": str(bench), "pope": str(bench)}, max_new_tokens=3, progress=False)
+    assert results["results"]["pope"]["num_examples"] == ROWS
+    assert all(set(r["probabilities"]) == {"Yes", "No"} for r in _predictions(tmp_path / "eval", "pope"))
+    assert "USER: <image>\nWhich digit is shown?" in json.loads(
+        (tmp_path / "eval" / "digits-vqa" / "run_config.json").read_text())["example_prompt"]
