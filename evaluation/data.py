@@ -172,7 +172,8 @@ def load_examples(task: Task, data: str | None = None, *, split: str | None = No
     image_column, is_feature = _image_columns(dataset)
     if image_column is None and joined is None:
         raise TaskDataError(f"{location}: no image column (one of {IMAGE_FIELDS}) in {dataset.column_names}; "
-                            f"rows of task {task.name!r} look like {task.schema}.")
+                            f"rows of task {task.name!r} look like {task.schema} (a .json file holds a list of "
+                            f"such rows, a .jsonl file one per line).")
     null_images = set()
     if is_feature:  # check for missing images without decoding them, then read the other columns only
         null_images = {i for i, null in enumerate(dataset.data.column(image_column).is_null().to_pylist()) if null}
