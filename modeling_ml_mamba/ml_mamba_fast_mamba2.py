@@ -77,9 +77,11 @@ class FastMamba2Mixer(Mamba2Mixer):
         if y.dtype != torch.float32 or gate.dtype != torch.float32:
             return self.norm(y, gate)
         group = self.norm.group_size
-        gated = (y * F.silu(gate)).unflatten(-1, (-1, group))
-        normed = F.rms_norm(gated, (group,), eps=self.norm.variance_epsilon).flatten(-2)
-        return normed * self.norm.weight
+        gated = y * F.silu(gate)
+        if group == gated.shape[-1]:  # one group (the mamba2 checkpoints): the weight fused into the norm
+            return F.rms_norm(gated, (group,), self.norm.weight, eps=self.norm.variance_epsilon)
+        normed = F.rms_norm(gated.unflatten(-1, (-1, group)), (group,), eps=self.norm.variance_epsilon)
+        return normed.flatten(-2) * self.norm.weight
 
     def _split_xbc(self, xbc: torch.Tensor):
         groups_state = self.n_groups * self.ssm_state_size

@@ -35,17 +35,19 @@ def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     """Depthwise causal conv1d over (batch, length, channels), without activation, in that layout.
 
     weight (channels, k), bias (channels,), previous (batch, k - 1, channels): the inputs before ``x`` (zeros if
-    None). Written as k shifted multiply-adds, which on CPU beats `F.conv1d` plus the two transposes it needs here.
+    None). Written as k shifted multiply-adds on ``x`` itself, which on CPU beats `F.conv1d` and the two transposes
+    it would need here. Differentiable.
     """
     length, kernel = x.shape[1], weight.shape[-1]
     weight = weight.to(x.dtype)
-    left = previous.to(x.dtype) if previous is not None else x.new_zeros(x.shape[0], kernel - 1, x.shape[2])
-    padded = torch.cat([left, x], dim=1)  # (b, k - 1 + l, channels)
-    out = padded[:, kernel - 1:] * weight[:, -1]
-    if bias is not None:
-        out = out + bias.to(x.dtype)
-    for j in range(kernel - 1):
-        out.addcmul_(padded[:, j:j + length], weight[:, j])  # autograd-safe: nothing saved `out` for backward
+    out = torch.addcmul(bias.to(x.dtype), x, weight[:, -1]) if bias is not None else x * weight[:, -1]
+    for lag in range(1, kernel):  # out[t] += w[k - 1 - lag] * input[t - lag]
+        tap = weight[:, kernel - 1 - lag]
+        if length > lag:
+            out[:, lag:].addcmul_(x[:, :length - lag], tap)
+        if previous is not None:  # the first rows reach back into the previous inputs
+            rows = min(lag, length)
+            out[:, :rows].addcmul_(previous[:, kernel - 1 - lag:kernel - 1 - lag + rows].to(x.dtype), tap)
     return out
 
 

@@ -103,10 +103,14 @@ def _ssd_segment(x_dt, A_dt, B, C, chunk_size, state, track_grad):
 
     # 1. Inside each chunk (attention-like): y_l = sum_{s<=l} (C_l . B_s) exp(cum_l - cum_s) x_s.
     #    cum is non-increasing, so clamping at 0 only touches s > l, which the causal mask on the scores zeroes.
-    scores = torch.matmul(C, B.transpose(-1, -2)).tril()  # (b, c, q_l, q_s)
-    decay = (cum_h[..., :, None] - cum_h[..., None, :]).clamp(LOG_DECAY_FLOOR, 0.0).exp()  # (b, c, h, q_l, q_s)
-    y_diag = torch.matmul(decay * scores[:, :, None], x_dt.transpose(2, 3))  # (b, c, h, q, p)
-    del scores, decay
+    scores = torch.matmul(C, B.transpose(-1, -2)).tril_()[:, :, None]  # (b, c, 1, q_l, q_s)
+    decay = torch.sub(cum_h[..., :, None], cum_h[..., None, :])  # (b, c, h, q_l, q_s)
+    if track_grad:
+        weights = decay.clamp(LOG_DECAY_FLOOR, 0.0).exp() * scores
+    else:  # the same, without allocating (these are the largest tensors of the scan)
+        weights = decay.clamp_(LOG_DECAY_FLOOR, 0.0).exp_().mul_(scores)
+    y_diag = torch.matmul(weights, x_dt.transpose(2, 3))  # (b, c, h, q, p)
+    del scores, decay, weights
 
     # 2. The state each chunk leaves behind (started from zero), transposed: (b, c, n, h*p)
     decay_to_end = (cum[:, :, -1:] - cum).clamp(min=LOG_DECAY_FLOOR).exp()  # (b, c, q, h)
@@ -135,7 +139,11 @@ def _ssd_segment(x_dt, A_dt, B, C, chunk_size, state, track_grad):
 
     # 4. What the state a chunk starts from contributes: y_l += exp(cum_l) C_l . state
     y = torch.matmul(C, starts[:, :c]).view(batch, c, q, heads, head_dim)
-    y = y * cum.clamp(min=LOG_DECAY_FLOOR).exp()[..., None] + y_diag.transpose(2, 3)
+    decay_from_start = cum.clamp(min=LOG_DECAY_FLOOR).exp()[..., None]  # (b, c, q, h, 1)
+    if track_grad:
+        y = torch.addcmul(y_diag.transpose(2, 3), y, decay_from_start)
+    else:
+        y = torch.addcmul(y_diag.transpose(2, 3), y, decay_from_start, out=y)
     y = y.reshape(batch, c * q, heads, head_dim)
     return (y[:, :length] if pad else y), starts[:, c]
 
@@ -182,7 +190,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=Fa
             y = y.view(batch, groups, end - start, r, head_dim).transpose(1, 2)
         y = y.reshape(batch, end - start, heads, head_dim)
         if D is not None:
-            y = y + D.float()[:, None] * seg_x
+            y = torch.addcmul(y, seg_x, D.float()[:, None]) if track_grad else y.addcmul_(seg_x, D.float()[:, None])
         outputs.append(y.to(x.dtype))
     y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
     if return_final_state:  # (b * g, n, r * p) -> (b, h, p, n)
@@ -205,14 +213,15 @@ def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, dt_
     decay = (dt * A.float()).clamp(min=LOG_DECAY_FLOOR).exp().view(batch, groups, r, 1, 1)
     x_dt = (x.float() * dt[..., None]).view(batch, groups, r, head_dim, 1)
     B = B.float().view(batch, groups, 1, 1, state_size)
-    C = C.float().view(batch, groups, 1, state_size, 1)
+    C = C.float().reshape(batch * groups, state_size, 1)
     grouped = state.view(batch, groups, r, head_dim, state_size)
     tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (state, x_dt, decay, B, C))
     if state.dtype == torch.float32 and not tracked:
         new_state = grouped.mul_(decay).addcmul_(x_dt, B)
     else:
         new_state = grouped.float() * decay + x_dt * B
-    y = torch.matmul(new_state, C).view(batch, heads, head_dim)  # (b, g, r, p, 1) -> (b, h, p)
+    # y = state . C per group: one matrix-vector product per (batch, group), (r*p, n) @ (n,)
+    y = torch.bmm(new_state.reshape(batch * groups, r * head_dim, state_size), C).view(batch, heads, head_dim)
     if D is not None:
         y = y + D.float()[:, None] * x.float()
     return y.to(x.dtype), new_state.view(batch, heads, head_dim, state_size)
