@@ -3,6 +3,7 @@ scoring against an unbatched forward, interrupt-and-resume, clear errors on malf
 and the digits VQA check of contract 2. Budget: ~60 s."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -331,7 +332,6 @@ def test_digits_vqa_reproduces_the_demo_scoring(loaded, tmp_path):
 def test_accelerate_launch_shards_over_two_cpu_processes(loaded, saved_model, bench, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2 -m ml_mamba.evaluation` on a CPU-only machine (two gloo
     processes) gives the single-process results."""
-    import os
     import subprocess
     import sys
 
@@ -386,3 +386,21 @@ def test_any_image_text_to_text_model_llava(bench, tmp_path):
     assert all(set(r["probabilities"]) == {"Yes", "No"} for r in _predictions(tmp_path / "eval", "pope"))
     assert "USER: <image>\nWhich digit is shown?" in json.loads(
         (tmp_path / "eval" / "digits-vqa" / "run_config.json").read_text())["example_prompt"]
+
+
+@pytest.mark.skipif(not os.environ.get("ML_MAMBA_DEMO_DIR"), reason="set ML_MAMBA_DEMO_DIR to a trained digits demo "
+                    "output folder (contract 2) to check it; the demo trains for minutes, beyond this file's budget")
+def test_trained_digits_demo_is_reproduced(tmp_path):
+    """Contract 2 on the real demo: the harness's accuracy on `<demo>/eval/digits_vqa.jsonl` equals the `overall`
+    (and per-type) accuracy the demo wrote to `<demo>/eval/demo_results.json`."""
+    demo = os.environ["ML_MAMBA_DEMO_DIR"]
+    expected = json.loads(open(os.path.join(demo, "eval", "demo_results.json")).read())
+    model, processor = load_model(demo)
+    results = evaluate_model(model, processor, ["digits-vqa"], tmp_path, batch_size=16, progress=False,
+                             data={"digits-vqa": os.path.join(demo, "eval", "digits_vqa.jsonl")})
+    metrics = results["results"]["digits-vqa"]
+    scale = 100.0 if expected["overall"] > 1 else 1.0  # the demo may report percentages
+    assert metrics["num_examples"] == expected["num_examples"]
+    assert metrics["metrics"]["accuracy"] * scale == expected["overall"]
+    for question_type, accuracy in expected["per_type"].items():
+        assert metrics["metrics"]["accuracy_by_question_type"][question_type] * scale == pytest.approx(accuracy)
