@@ -98,9 +98,10 @@ class FastMamba2Mixer(Mamba2Mixer):
 
         window = torch.cat([conv_state[:, :, 1:], xbc.to(conv_state.dtype)[:, :, None]], dim=-1)
         conv_state.copy_(window)
-        xbc = (window * self.conv1d.weight[:, 0]).sum(-1)
+        window = window.float() if window.dtype in (torch.float16, torch.bfloat16) else window  # accumulate in fp32
+        xbc = (window * self.conv1d.weight[:, 0].to(window.dtype)).sum(-1)
         if self.conv1d.bias is not None:
-            xbc = xbc + self.conv1d.bias
+            xbc = xbc + self.conv1d.bias.to(window.dtype)
         xbc = self.act(xbc).to(dtype)
 
         x, B, C = self._split_xbc(xbc)

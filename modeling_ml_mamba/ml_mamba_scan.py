@@ -39,6 +39,9 @@ def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     it would need here. Differentiable.
     """
     length, kernel = x.shape[1], weight.shape[-1]
+    dtype = x.dtype
+    if dtype in (torch.float16, torch.bfloat16):  # accumulate the taps in float32, round once
+        x = x.float()
     weight = weight.to(x.dtype)
     out = torch.addcmul(bias.to(x.dtype), x, weight[:, -1]) if bias is not None else x * weight[:, -1]
     for lag in range(1, kernel):  # out[t] += w[k - 1 - lag] * input[t - lag]
@@ -48,7 +51,7 @@ def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
         if previous is not None:  # the first rows reach back into the previous inputs
             rows = min(lag, length)
             out[:, :rows].addcmul_(previous[:, kernel - 1 - lag:kernel - 1 - lag + rows].to(x.dtype), tap)
-    return out
+    return out.to(dtype)
 
 
 def scan_orders(scan: str, num_tokens: int, device=None) -> list[torch.Tensor]:

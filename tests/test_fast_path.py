@@ -238,3 +238,16 @@ def test_ml_mamba_uses_the_fast_path_by_default_and_round_trips(tmp_path):
 
     off = MLMambaForConditionalGeneration(tiny_config("msc", use_fast_cpu_path=False))
     assert [type(m) for m in off.modules() if isinstance(m, Mamba2Mixer)] == [Mamba2Mixer] * 2
+
+
+def test_fast_mixer_in_bfloat16_is_as_accurate_as_transformers(lm_pair):
+    reference, _ = lm_pair
+    ids = torch.randint(1, 64, (2, 40), generator=torch.Generator().manual_seed(5))
+    low = copy.deepcopy(reference).to(torch.bfloat16)
+    fast_low = copy.deepcopy(low)
+    enable_fast_mamba2(fast_low)
+    with torch.no_grad():
+        exact = reference(ids).logits
+        error_theirs = (low(ids).logits.float() - exact).abs().max()
+        error_ours = (fast_low(ids).logits.float() - exact).abs().max()
+    assert error_ours <= 1.5 * error_theirs + 1e-3, (error_ours, error_theirs)
