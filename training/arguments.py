@@ -188,4 +188,6 @@ class MLMambaSFTConfig(SFTConfig):
             self.bf16 = bool(on_accelerator and bf16_available() and not self.fp16)
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = on_accelerator
+        if not on_accelerator:
+            self.dataloader_pin_memory = False  # nothing to pin for
         super().__post_init__()

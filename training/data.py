@@ -82,16 +82,19 @@ def llava_sample_to_messages(sample, image_folder: str | None = None, verify_ima
     if not isinstance(sample, dict):
         raise ValueError(f"expected a JSON object, got {type(sample).__name__}")
     turns = sample.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        raise ValueError("empty or missing 'conversations'")
-
     images = sample.get("image", sample.get("images"))
     images = [] if images is None else [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(path, str) for path in images):
         raise ValueError(f"'image' must be a path or a list of paths, got {images!r}")
     paths = [path if image_folder is None or os.path.isabs(path) else os.path.join(image_folder, path)
              for path in images]
+    return _checked(llava_turns_to_messages(turns), paths, verify_images)
 
+
+def llava_turns_to_messages(turns) -> list[dict]:
+    """LLaVA's ``[{"from": "human", "value": "<image>\\n..."}, ...]`` -> chat messages with image items in place."""
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("empty or missing 'conversations'")
     messages = []
     for turn_index, turn in enumerate(turns):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
@@ -103,7 +106,7 @@ def llava_sample_to_messages(sample, image_folder: str | None = None, verify_ima
         if not isinstance(turn["value"], str):
             raise ValueError(f"turn {turn_index} has a non-text value {turn['value']!r}")
         messages.append({"role": role, "content": _split_markers(turn["value"])})
-    return _checked(messages, paths, verify_images)
+    return messages
 
 
 def _checked(messages: list[dict], paths: list, verify_images: bool):
@@ -233,8 +236,7 @@ def prepare_dataset(dataset, bad_samples: str = "error", source: str = "the data
             images = [] if images is None else list(images) if isinstance(images, list) else [images]
             try:
                 if llava:
-                    messages, _ = llava_sample_to_messages({"conversations": turns})
-                    messages, _ = _checked(messages, [None] * len(images), verify_images=False)
+                    messages, _ = _checked(llava_turns_to_messages(turns), [None] * len(images), verify_images=False)
                 else:
                     _check_chat(turns, len(images))
                     messages = turns

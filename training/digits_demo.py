@@ -299,7 +299,7 @@ def _report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     defaults = DemoSettings()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default=defaults.output_dir)
@@ -317,9 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
                             learning_rate=args.learning_rate, augment=args.augment, seed=args.seed, lora=args.lora,
                             max_train_images=args.max_train_images, max_eval_images=args.max_eval_images)
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    results = run_demo(settings)
-    print(_report(results))
-    return results
+    print(_report(run_demo(settings)))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def merge_lora(adapter, output_dir: str, base_model: str | None = None, processo
     return output_dir
 
 
-def main(argv: list[str] | None = None) -> str:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", required=True, help="LoRA adapter folder or Hub id (ml-mamba-train output).")
     parser.add_argument("--output_dir", required=True, help="Where the merged checkpoint goes.")
@@ -68,7 +68,6 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     output = merge_lora(args.adapter, args.output_dir, base_model=args.base_model, max_shard_size=args.max_shard_size)
     print(f"Merged checkpoint saved to {os.path.abspath(output)}")
-    return output
 
 
 if __name__ == "__main__":

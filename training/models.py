@@ -185,7 +185,7 @@ def build_from_parts(vision_tower: str | list[str], language_model: str, tokeniz
     elif lm_head is not None:
         model.lm_head.weight = lm_head.weight
     _materialize_random(model, dtype)
-    if processor.image_token_id >= model.get_input_embeddings().num_embeddings:
+    if len(processor.tokenizer) > model.get_input_embeddings().num_embeddings:  # e.g. `<image>` was added
         model.resize_token_embeddings(len(processor.tokenizer), pad_to_multiple_of=8)
     logger.info("Built ML-Mamba from %s + %s: %s parameters, connector %s (random).", names, language_model,
                 f"{model.num_parameters():,}", connector_type)

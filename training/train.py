@@ -163,14 +163,13 @@ def _write_card(trainer, model_args, data_args, training_args, summary) -> None:
                               "metrics": {k: v for k, v in summary["metrics"].items() if isinstance(v, float)}})
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Console entry point of ``ml-mamba-train``."""
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point of ``ml-mamba-train`` (``run(*parse_args(argv))`` returns the summary instead)."""
     model_args, data_args, training_args = parse_args(argv)
     summary = run(model_args, data_args, training_args)
     if training_args.process_index == 0:
         print(f"Saved to {os.path.abspath(summary['output_dir'])} after {summary['steps']} steps "
               f"({summary['train_time_s']} s of training).")
-    return summary
 
 
 if __name__ == "__main__":
