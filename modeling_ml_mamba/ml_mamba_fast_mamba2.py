@@ -34,9 +34,9 @@ from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer, apply_mask_t
 from .ml_mamba_scan import causal_depthwise_conv1d
 from .ml_mamba_ssd import ssd_chunked, ssd_step
 
-# Chunk length of the SSD on CPU. The result does not depend on it (up to float32 rounding); 128 balanced the
+# Chunk length of the SSD on CPU. The result does not depend on it (up to float32 rounding); 64 balanced the
 # quadratic intra-chunk work against the per-chunk state work best on the benchmark machine (benchmarks/).
-CPU_CHUNK_SIZE = 128
+CPU_CHUNK_SIZE = 64
 # Tokens per prefill segment when no gradient is tracked.
 PREFILL_SEGMENT = 2048
 # Keyword arguments only mamba-ssm's kernels understand; with them the mixer defers to transformers.
@@ -73,15 +73,16 @@ class FastMamba2Mixer(Mamba2Mixer):
         return self._scan(hidden_states, cache_params, attention_mask)
 
     def _gated_norm(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """`self.norm(y, gate)` (RMSNorm of y * silu(gate) per group), with a fused `rms_norm` on float32."""
-        if y.dtype != torch.float32 or gate.dtype != torch.float32:
+        """`self.norm(y, gate)`: RMSNorm of y * silu(gate) per group, times the weight."""
+        if y.dtype != torch.float32 or gate.dtype != torch.float32 or (torch.is_grad_enabled() and (
+                y.requires_grad or gate.requires_grad or self.norm.weight.requires_grad)):
             return self.norm(y, gate)
+        # In place, and the mean square from one `vector_norm` pass: ~3x fewer memory passes than the reference.
         group = self.norm.group_size
-        gated = y * F.silu(gate)
-        if group == gated.shape[-1]:  # one group (the mamba2 checkpoints): the weight fused into the norm
-            return F.rms_norm(gated, (group,), self.norm.weight, eps=self.norm.variance_epsilon)
-        normed = F.rms_norm(gated.unflatten(-1, (-1, group)), (group,), eps=self.norm.variance_epsilon)
-        return normed.flatten(-2) * self.norm.weight
+        gated = F.silu(gate).mul_(y).unflatten(-1, (-1, group))
+        scale = torch.linalg.vector_norm(gated, dim=-1, keepdim=True).square_().div_(group)
+        scale = scale.add_(self.norm.variance_epsilon).rsqrt_()
+        return gated.mul_(scale).flatten(-2).mul_(self.norm.weight)
 
     def _split_xbc(self, xbc: torch.Tensor):
         groups_state = self.n_groups * self.ssm_state_size
@@ -148,7 +149,9 @@ class FastMamba2Mixer(Mamba2Mixer):
         hidden_states = apply_mask_to_padding_states(hidden_states, attention_mask)
         gate, xbc, dt = self.in_proj(hidden_states).split(
             [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
-        conv_out = self.act(causal_depthwise_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, context))
+        silu = self.activation in ("silu", "swish")
+        conv_out = causal_depthwise_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, context, silu=silu)
+        conv_out = conv_out if silu else self.act(conv_out)
         window = torch.cat([context.to(xbc.dtype), xbc[:, -self.conv_kernel_size:]], dim=1)[:, -self.conv_kernel_size:]
         conv_out = apply_mask_to_padding_states(conv_out, attention_mask)
 

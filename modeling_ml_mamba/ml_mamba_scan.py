@@ -31,27 +31,45 @@ SCAN_DIRECTIONS = {"bidirectional": 2, "cross": 4}
 
 
 def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                            previous: torch.Tensor | None = None) -> torch.Tensor:
-    """Depthwise causal conv1d over (batch, length, channels), without activation, in that layout.
+                            previous: torch.Tensor | None = None, silu: bool = False, block: int = 256) -> torch.Tensor:
+    """Depthwise causal conv1d over (batch, length, channels), in that layout, optionally followed by SiLU.
 
     weight (channels, k), bias (channels,), previous (batch, k - 1, channels): the inputs before ``x`` (zeros if
     None). Written as k shifted multiply-adds on ``x`` itself, which on CPU beats `F.conv1d` and the two transposes
-    it would need here. Differentiable.
+    it would need here; without autograd, ``block`` rows at a time so that the k passes stay in cache.
+    Accumulates in float32 for float16/bfloat16 inputs.
     """
     length, kernel = x.shape[1], weight.shape[-1]
-    dtype = x.dtype
-    if dtype in (torch.float16, torch.bfloat16):  # accumulate the taps in float32, round once
-        x = x.float()
-    weight = weight.to(x.dtype)
-    out = torch.addcmul(bias.to(x.dtype), x, weight[:, -1]) if bias is not None else x * weight[:, -1]
-    for lag in range(1, kernel):  # out[t] += w[k - 1 - lag] * input[t - lag]
-        tap = weight[:, kernel - 1 - lag]
-        if length > lag:
-            out[:, lag:].addcmul_(x[:, :length - lag], tap)
-        if previous is not None:  # the first rows reach back into the previous inputs
-            rows = min(lag, length)
-            out[:, :rows].addcmul_(previous[:, kernel - 1 - lag:kernel - 1 - lag + rows].to(x.dtype), tap)
-    return out.to(dtype)
+    accumulate = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    weight = weight.to(accumulate)
+    bias = bias.to(accumulate) if bias is not None else torch.zeros_like(weight[:, 0])
+    if previous is not None:
+        previous = previous.to(accumulate)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, previous)):
+        block = length  # one block, out of place: differentiable
+        out = None
+    else:
+        out = torch.empty(x.shape, dtype=accumulate, device=x.device)
+    pieces = []
+    for start in range(0, length, block):
+        end = min(start + block, length)
+        rows = x[:, start:end].to(accumulate)
+        piece = torch.addcmul(bias, rows, weight[:, -1]) if out is None else torch.addcmul(
+            bias, rows, weight[:, -1], out=out[:, start:end])
+        for lag in range(1, kernel):  # piece[t] += w[k - 1 - lag] * input[t - lag]
+            tap = weight[:, kernel - 1 - lag]
+            first = max(start, lag)  # the first row whose input[t - lag] lies in x
+            if end > first:
+                piece[:, first - start:].addcmul_(x[:, first - lag:end - lag].to(accumulate), tap)
+            if previous is not None and start < lag:  # rows that reach back into the previous inputs
+                count = min(lag, end) - start
+                begin = kernel - 1 - lag + start
+                piece[:, :count].addcmul_(previous[:, begin:begin + count], tap)
+        if silu:
+            piece = F.silu(piece) if out is None else F.silu(piece, inplace=True)
+        pieces.append(piece)
+    result = pieces[0] if out is None else out
+    return result.to(x.dtype)
 
 
 def scan_orders(scan: str, num_tokens: int, device=None) -> list[torch.Tensor]:
@@ -169,7 +187,7 @@ class MultiScanMamba2Mixer(nn.Module):
         if causal_conv1d_fn is not None and xbc.is_cuda:
             xbc = causal_conv1d_fn(xbc.transpose(1, 2), weight, bias, activation="silu").transpose(1, 2)
         else:
-            xbc = F.silu(causal_depthwise_conv1d(xbc, weight, bias))
+            xbc = causal_depthwise_conv1d(xbc, weight, bias, silu=True)
         xbc = xbc.reshape(batch, length, num_directions, self.conv_dim)
         x, B, C = xbc.split([self.intermediate_size, self.n_groups * self.state_size,
                              self.n_groups * self.state_size], dim=-1)
