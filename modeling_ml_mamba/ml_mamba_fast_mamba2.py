@@ -6,7 +6,7 @@ decoded token. `FastMamba2Mixer(Mamba2Mixer)` replaces only the mixer's CPU forw
 (weights, state-dict keys, config, the `DynamicCache` of `LinearAttentionLayer`s, left-padding masks, `generate`,
 autograd):
 
-* prefill: `ssd_chunked` with a CPU-tuned chunk size; when no gradient is tracked, long inputs go through the whole
+* prefill: `ssd_chunked` with a CPU-tuned chunk size (`CPU_CHUNK_SIZE`); when no gradient is tracked, long inputs go through the whole
   mixer (projections, conv, scan, norm) in segments of `prefill_segment` tokens, carrying the conv window and the
   state, so intermediates stay bounded and prefill memory grows only with the (tokens x hidden) activations;
 * decode: `ssd_step` (state updated in place in the cache) and an in-place causal-conv window;
@@ -32,11 +32,8 @@ from transformers.integrations.accelerate import force_accelerate_hooks
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer, apply_mask_to_padding_states
 
 from .ml_mamba_scan import causal_depthwise_conv1d
-from .ml_mamba_ssd import ssd_chunked, ssd_step
+from .ml_mamba_ssd import CPU_CHUNK_SIZE, ssd_chunked, ssd_step
 
-# Chunk length of the SSD on CPU. The result does not depend on it (up to float32 rounding); 64 balanced the
-# quadratic intra-chunk work against the per-chunk state work best on the benchmark machine (benchmarks/).
-CPU_CHUNK_SIZE = 64
 # Tokens per prefill segment when no gradient is tracked.
 PREFILL_SEGMENT = 2048
 # Keyword arguments only mamba-ssm's kernels understand; with them the mixer defers to transformers.

@@ -32,6 +32,10 @@ LOG_DECAY_FLOOR = -60.0
 # `ssd_chunked` works through long sequences in segments of about this many tokens, carrying the state between
 # them: intermediates stay a few MB (cache-friendly, no page faults) and peak memory grows only with the output.
 SEGMENT_TOKENS = 1024
+# Chunk length `ssd_scan` uses on CPU, whatever the model's chunk_size: the result does not depend on it (up to
+# float32 rounding), and 64 balanced the quadratic intra-chunk work against the per-chunk state work best on the
+# benchmark machine (benchmarks/RESULTS.md). GPUs keep the configured chunk size.
+CPU_CHUNK_SIZE = 64
 
 
 def _discretize_dt(dt, dt_bias, dt_softplus, dt_limit):
@@ -235,5 +239,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=True,
             x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_state,
             dt_softplus=dt_softplus, dt_limit=dt_limit, return_final_states=return_final_state,
         )
+    if x.device.type == "cpu":
+        chunk_size = min(chunk_size, CPU_CHUNK_SIZE)
     return ssd_chunked(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus,
                        dt_limit=dt_limit, initial_state=initial_state, return_final_state=return_final_state)
