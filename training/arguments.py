@@ -168,6 +168,7 @@ class MLMambaSFTConfig(SFTConfig):
     - ``assistant_only_loss=True``: loss on the assistant's answers only (the chat template marks them with
       ``{% generation %}``); image placeholders and prompts carry none.
     - ``max_length=None``: no truncation, which would cut through image tokens (long samples are the data's job).
+    - ``use_cpu`` is set on a machine without an accelerator, so that multi-process runs use gloo.
     - ``resume``: continue from the last ``checkpoint-*`` in ``output_dir`` (or ``--resume_from_checkpoint PATH``).
     """
 
@@ -183,7 +184,9 @@ class MLMambaSFTConfig(SFTConfig):
         "help": "With --use_peft, also write the LoRA merged into a plain checkpoint to <output_dir>/merged."})
 
     def __post_init__(self):
-        on_accelerator = not self.use_cpu and accelerator_available()
+        if not accelerator_available():
+            self.use_cpu = True  # also what makes `accelerate launch` give gloo processes instead of one process
+        on_accelerator = not self.use_cpu
         if self.bf16 is None:
             self.bf16 = bool(on_accelerator and bf16_available() and not self.fp16)
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:

@@ -279,7 +279,7 @@ def _run_demo(settings: DemoSettings) -> dict:
     for row, image in list(zip(rows, eval_images))[:settings.pipeline_examples * len(QUESTIONS):len(QUESTIONS) + 1]:
         messages = [{"role": "user", "content": [{"type": "image", "image": image},
                                                  {"type": "text", "text": row["question"]}]}]
-        answer = pipe(text=messages, max_new_tokens=8, do_sample=False, return_full_text=False)[0]["generated_text"]
+        answer = pipe(text=messages, max_new_tokens=8, return_full_text=False)[0]["generated_text"]  # greedy
         examples.append({"image": row["image"], "question": row["question"], "answer": answer.strip(),
                          "expected": row["answer"]})
 

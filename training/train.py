@@ -122,7 +122,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: MLM
 
     trainer = build_trainer(model, processor, training_args, train_dataset, eval_dataset, peft_config, callbacks)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+    resumed_from = resume_checkpoint(training_args)
+    result = trainer.train(resume_from_checkpoint=resumed_from)
     train_time = time.perf_counter() - start
     trainer.save_model(training_args.output_dir)
     trainer.log_metrics("train", result.metrics)
@@ -130,7 +131,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: MLM
     trainer.save_state()
 
     summary = {"output_dir": training_args.output_dir, "train_time_s": round(train_time, 1),
-               "steps": trainer.state.global_step, "metrics": result.metrics, "data": report}
+               "steps": trainer.state.global_step, "metrics": result.metrics, "data": report,
+               "resumed_from": resumed_from}
     if trainer.is_world_process_zero():
         _write_card(trainer, model_args, data_args, training_args, summary)
         if model_args.use_peft and training_args.merge_lora:
