@@ -205,6 +205,30 @@ def test_yaml_recipe_and_lora_merge(base_dir, llava_dir, tmp_path):
         torch.testing.assert_close(merged(**inputs).logits, with_adapter(**inputs).logits, rtol=1e-4, atol=1e-5)
     assert "---" in (out / "merged" / "README.md").read_text()
 
+    # The same merge from the adapter folder alone (its config names the base), as `ml-mamba-merge-lora` does it.
+    from ml_mamba.training.merge import main as merge_main
+
+    merge_main(["--adapter", str(out), "--output_dir", str(tmp_path / "merged-again")])
+    again = load_file(tmp_path / "merged-again" / "model.safetensors")
+    assert all(torch.equal(again[k], merged_files[k]) for k in merged_files)
+    assert (tmp_path / "merged-again" / "processor_config.json").is_file()
+
+
+def test_preset_with_a_local_tokenizer(tmp_path):
+    from utils import tokenizer
+
+    from ml_mamba.training import ModelArguments, load_model_and_processor
+
+    tokenizer().save_pretrained(tmp_path / "tok")
+    model_args = ModelArguments(preset="tiny", tokenizer_name_or_path=str(tmp_path / "tok"))
+    model, processor = load_model_and_processor(model_args)
+    assert model.config.image_token_id == processor.image_token_id
+    assert model.config.text_config.vocab_size >= len(processor.tokenizer) and model.config.connector_type == "msc"
+    with pytest.raises(ValueError, match="exactly one model source"):
+        ModelArguments(preset="tiny", model_name_or_path="x")
+    with pytest.raises(ValueError, match="needs --tokenizer_name_or_path"):
+        load_model_and_processor(ModelArguments(preset="tiny"))
+
 
 def test_lora_on_connector_mixers_too(base_dir, llava_dir, tmp_path):
     from ml_mamba.training import ModelArguments, load_model_and_processor, lora_config
@@ -357,7 +381,8 @@ def test_build_from_pretrained_parts_offline(tmp_path, monkeypatch):
 
     from ml_mamba.training.digits_demo import chat
 
-    data = Dataset.from_dict({"messages": [chat("Which digit?", "Zero.")] * 4, "images": [[i] for i in digit_images(4)]})
+    data = Dataset.from_dict({"messages": [chat("Which digit?", "Zero.")] * 4,
+                              "images": [[image] for image in digit_images(4)]})
     apply_stage(model, "align")
     trainer = build_trainer(model, processor, args(tmp_path / "out", max_steps=2), data)
     trainer.train()

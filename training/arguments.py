@@ -163,8 +163,9 @@ def bf16_available() -> bool:
 class MLMambaSFTConfig(SFTConfig):
     """TRL's `SFTConfig` with defaults for ML-Mamba.
 
-    - ``bf16`` and ``activation_checkpointing`` (formerly ``gradient_checkpointing``) default to *auto*: on (bf16 where supported) with a GPU, off on a CPU-only
-      machine, where TRL's defaults would fail ("Your setup doesn't support bf16/gpu") or only slow training down.
+    - ``bf16`` and ``activation_checkpointing`` (formerly ``gradient_checkpointing``) default to *auto*: on (bf16 where
+      supported) with a GPU, off on a CPU-only machine, where TRL's defaults would fail ("Your setup doesn't support
+      bf16/gpu") or only slow training down.
     - ``assistant_only_loss=True``: loss on the assistant's answers only (the chat template marks them with
       ``{% generation %}``); image placeholders and prompts carry none.
     - ``max_length=None``: no truncation, which would cut through image tokens (long samples are the data's job).

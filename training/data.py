@@ -342,8 +342,7 @@ def _progress(iterable: Iterable, description: str):
 
 def load_training_data(data_path: str | None = None, image_folder: str | None = None, dataset_name: str | None = None,
                        dataset_config: str | None = None, split: str = "train", bad_samples: str = "error",
-                       verify_images: bool = False, max_samples: int | None = None,
-                       transform: Callable | None = None):
+                       verify_images: bool = False, max_samples: int | None = None):
     """The training data named by the `DataArguments` fields: a LLaVA JSON file (``data_path``) or a `datasets`
     dataset (``dataset_name``: a Hub id, a local folder saved with ``save_to_disk``, or a loader script/folder
     understood by `datasets.load_dataset`). Returns ``(dataset, report)``."""
@@ -357,9 +356,6 @@ def load_training_data(data_path: str | None = None, image_folder: str | None = 
         if max_samples is not None:
             dataset = dataset.select(range(min(max_samples, len(dataset))))
         dataset, report = prepare_dataset(dataset, bad_samples, source=repr(dataset_name))
-    logger.info("Training data: %s", report.summary())
-    if transform is not None:
-        dataset.set_transform(transform)
     return dataset, report
 
 
