@@ -1,0 +1,23 @@
+"""Shared fixtures."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def trained_demo(tmp_path_factory):
+    """The README's main job, run once per session: the digits demo trained from scratch (about 2 minutes on 2
+    CPU cores). Set ML_MAMBA_DEMO_DIR to reuse a folder the demo already wrote."""
+    existing = os.environ.get("ML_MAMBA_DEMO_DIR")
+    if existing:
+        return existing
+    output_dir = tmp_path_factory.mktemp("digits-demo")
+    result = subprocess.run([sys.executable, "-m", "ml_mamba.training.digits_demo", "--output-dir", str(output_dir)],
+                            capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        raise AssertionError(f"the digits demo failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    (output_dir / "demo_stdout.txt").write_text(result.stdout)
+    return str(output_dir)
