@@ -165,10 +165,13 @@ def _run_worker(kind: str, args, **fields) -> dict:
         command += [f"--{key}", str(value)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                TRANSFORMERS_VERBOSITY="error", PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
+    start = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.worker_timeout_s)
     if done.returncode:
         raise RuntimeError(f"worker {kind} {fields} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result.update(wall_s=time.perf_counter() - start, load_after=os.getloadavg()[0])
+    return result
 
 
 def _fmt(value, digits=1):
@@ -261,12 +264,14 @@ def markdown(results: dict) -> str:
             lines.append(f"| {r['context']} | {r['arm']} | {_fmt(d1['ms_per_token'])} | {_fmt(d1['tokens_per_s'])} "
                          f"| {b8[0]} | {b8[1]} | {_fmt(d1['cache_mb'], 2)} | {b8[2]} | {_fmt(d1['peak_rss_mb'], 0)} "
                          f"| {b8[3]} |")
-        lines += ["", "**Prefill** (batch 1, median of the runs; peak RSS during prefill vs RSS of the built model):",
-                  "", "| context | arm | prefill s | tokens/s | peak RSS MB | model RSS MB | runs |",
-                  "|---:|---|---:|---:|---:|---:|---:|"]
+        lines += ["", "**Prefill** (batch 1, median of the runs; peak RSS during prefill vs RSS of the built model; "
+                      "load = the machine's 1-minute load average when the point finished, 2 = both cores busy):",
+                  "", "| context | arm | prefill s | tokens/s | peak RSS MB | model RSS MB | runs | load |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
         for r in sorted(results["sweep"], key=lambda r: (r["context"], r["arm"])):
             lines.append(f"| {r['context']} | {r['arm']} | {r['prefill_s']:.2f} | {r['context'] / r['prefill_s']:,.0f} "
-                         f"| {r['peak_rss_prefill_mb']:.0f} | {r['rss_model_mb']:.0f} | {len(r['prefill_runs'])} |")
+                         f"| {r['peak_rss_prefill_mb']:.0f} | {r['rss_model_mb']:.0f} | {len(r['prefill_runs'])} "
+                         f"| {r.get('load_after', float('nan')):.1f} |")
         lines += ["", "**Ratios** (> 1 means ML-Mamba's fast path is faster):", "",
                   "| context | decode llava/ml-mamba b1 | b8 | prefill llava/ml-mamba | decode hf/fast b1 | b8 "
                   "| prefill hf/fast |", "|---:|---:|---:|---:|---:|---:|---:|"]
