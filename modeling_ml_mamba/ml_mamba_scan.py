@@ -31,45 +31,55 @@ SCAN_DIRECTIONS = {"bidirectional": 2, "cross": 4}
 
 
 def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                            previous: torch.Tensor | None = None, silu: bool = False, block: int = 256) -> torch.Tensor:
+                            previous: torch.Tensor | None = None, silu: bool = False, inplace: bool = False,
+                            block: int = 256) -> torch.Tensor:
     """Depthwise causal conv1d over (batch, length, channels), in that layout, optionally followed by SiLU.
 
     weight (channels, k), bias (channels,), previous (batch, k - 1, channels): the inputs before ``x`` (zeros if
-    None). Written as k shifted multiply-adds on ``x`` itself, which on CPU beats `F.conv1d` and the two transposes
-    it would need here; without autograd, ``block`` rows at a time so that the k passes stay in cache.
-    Accumulates in float32 for float16/bfloat16 inputs.
+    None). Written as k shifted multiply-adds, which on CPU beats `F.conv1d` and the two transposes it would need
+    here. Without autograd it works ``block`` rows at a time (the k passes stay in cache) and, with ``inplace``,
+    writes the result over ``x`` (last block first), which saves allocating (and page-faulting) an output as large
+    as the input. Accumulates in float32 for float16/bfloat16 inputs.
     """
     length, kernel = x.shape[1], weight.shape[-1]
     accumulate = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    weight = weight.to(accumulate)
-    bias = bias.to(accumulate) if bias is not None else torch.zeros_like(weight[:, 0])
-    if previous is not None:
-        previous = previous.to(accumulate)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, previous)):
-        block = length  # one block, out of place: differentiable
-        out = None
-    else:
-        out = torch.empty(x.shape, dtype=accumulate, device=x.device)
-    pieces = []
-    for start in range(0, length, block):
-        end = min(start + block, length)
-        rows = x[:, start:end].to(accumulate)
-        piece = torch.addcmul(bias, rows, weight[:, -1]) if out is None else torch.addcmul(
-            bias, rows, weight[:, -1], out=out[:, start:end])
-        for lag in range(1, kernel):  # piece[t] += w[k - 1 - lag] * input[t - lag]
-            tap = weight[:, kernel - 1 - lag]
+    taps = weight.to(accumulate).t().contiguous()  # (k, channels): taps[k - 1 - lag] multiplies input[t - lag]
+    bias = bias.to(accumulate) if bias is not None else None
+    previous = previous.to(accumulate) if previous is not None else None
+
+    def rows(start, end, dest=None):  # the conv for output rows [start, end), into `dest` when given
+        if dest is None:
+            piece = x[:, start:end].to(accumulate) * taps[-1]
+            piece = piece + bias if bias is not None else piece
+        elif bias is not None:
+            piece = torch.addcmul(bias, x[:, start:end], taps[-1], out=dest)
+        else:
+            piece = torch.mul(x[:, start:end], taps[-1], out=dest)
+        for lag in range(1, kernel):
             first = max(start, lag)  # the first row whose input[t - lag] lies in x
             if end > first:
-                piece[:, first - start:].addcmul_(x[:, first - lag:end - lag].to(accumulate), tap)
+                piece[:, first - start:].addcmul_(x[:, first - lag:end - lag], taps[kernel - 1 - lag])
             if previous is not None and start < lag:  # rows that reach back into the previous inputs
-                count = min(lag, end) - start
-                begin = kernel - 1 - lag + start
-                piece[:, :count].addcmul_(previous[:, begin:begin + count], tap)
+                count, begin = min(lag, end) - start, kernel - 1 - lag + start
+                piece[:, :count].addcmul_(previous[:, begin:begin + count], taps[kernel - 1 - lag])
         if silu:
-            piece = F.silu(piece) if out is None else F.silu(piece, inplace=True)
-        pieces.append(piece)
-    result = pieces[0] if out is None else out
-    return result.to(x.dtype)
+            piece = F.silu(piece, inplace=dest is not None)
+        return piece
+
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, previous)):
+        return rows(0, length).to(x.dtype)  # out of place: differentiable
+    starts = range(0, length, block)
+    if inplace:
+        scratch = torch.empty(x.shape[0], min(block, length), x.shape[2], dtype=accumulate, device=x.device)
+        for start in reversed(starts):  # rows below `start`, which this block reads, are still inputs
+            end = min(start + block, length)
+            x[:, start:end].copy_(rows(start, end, scratch[:, :end - start]))
+        return x
+    out = torch.empty(x.shape, dtype=accumulate, device=x.device)
+    for start in starts:
+        end = min(start + block, length)
+        rows(start, end, out[:, start:end])
+    return out.to(x.dtype)
 
 
 def scan_orders(scan: str, num_tokens: int, device=None) -> list[torch.Tensor]:
