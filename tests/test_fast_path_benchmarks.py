@@ -1,0 +1,52 @@
+"""The benchmark scripts run end to end at a tiny size and report what the README and RESULTS.md quote: matched
+parameter counts, a constant Mamba cache against a growing KV cache, the ratio table, the goals and the plot.
+
+Runtime budget: under 1 minute on 2 CPU cores (each benchmark point is its own Python process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCHMARKS)
+
+import bench_kernels  # noqa: E402
+import bench_vlm  # noqa: E402
+import vlm_pair  # noqa: E402
+
+
+def test_matched_pair_has_the_same_lm_size_and_image_tokens():
+    mamba, llava = vlm_pair.build_model("ml-mamba", "s"), vlm_pair.build_model("llava", "s")
+    m, t = vlm_pair.parameter_counts(mamba)["language_model"], vlm_pair.parameter_counts(llava)["language_model"]
+    assert abs(m - t) / t < 0.01  # matched within 1%
+    assert mamba.config.text_config.hidden_size == llava.config.text_config.hidden_size
+    assert mamba.config.num_image_tokens == llava.config.image_seq_length == 729
+
+
+@pytest.mark.timeout(300)
+def test_vlm_benchmark_runs_side_by_side(tmp_path):
+    output = str(tmp_path / "tiny")
+    results = bench_vlm.main(["--size", "tiny", "--contexts", "32", "128", "--arms", "ml-mamba", "llava",
+                              "--decode-steps", "2", "--prefill-repeats", "1", "--new-tokens", "4",
+                              "--e2e-repeats", "1", "--output", output])
+    saved = json.load(open(output + ".json"))
+    assert saved["summary"] == results["summary"]
+    assert os.path.getsize(output + ".png") > 10_000 and "| goal |" in open(output + ".md").read()
+    points = {(r["arm"], r["context"]): r for r in saved["sweep"]}
+    mamba_cache = [points[("ml-mamba", c)]["decode"]["1"]["cache_mb"] for c in (32, 128)]
+    kv_cache = [points[("llava", c)]["decode"]["1"]["cache_mb"] for c in (32, 128)]
+    assert mamba_cache[0] == mamba_cache[1] and kv_cache[1] > 3 * kv_cache[0]
+    assert points[("llava", 128)]["decode"]["8"]["cache_mb"] == pytest.approx(8 * kv_cache[1], rel=0.05)
+    assert {r["arm"] for r in saved["e2e"]} == {"ml-mamba", "llava"}
+    assert all(r["new_tokens"] == 4 and r["image_tokens"] == 16 for r in saved["e2e"])
+    assert [g["met"] for g in saved["summary"]["goals"] if "cache the same" in g["goal"]] == [True]
+
+
+def test_kernel_benchmark_reports_equal_outputs():
+    rows = bench_kernels.bench_ssd([128], repeats=1) + bench_kernels.bench_decode([2], steps=2)
+    assert all(row["max_abs_diff"] < 1e-4 and row["ours_ms"] > 0 for row in rows)
