@@ -28,6 +28,7 @@ from transformers import Mamba2Config
 from transformers.cache_utils import DynamicCache
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer, causal_conv1d_fn, mamba2_chunk_scan
 
+from modeling_ml_mamba.ml_mamba_compat import CACHE_NAME
 from modeling_ml_mamba.ml_mamba_fast_mamba2 import CPU_CHUNK_SIZE, enable_fast_mamba2
 from modeling_ml_mamba.ml_mamba_scan import MultiScanMamba2Mixer, scan_orders
 from modeling_ml_mamba.ml_mamba_ssd import ssd_chunked
@@ -107,11 +108,11 @@ def bench_decode(batches, steps):
         token = torch.randn(batch, 1, HIDDEN)
         outputs = {"hf": [], "ours": []}
         with torch.no_grad():
-            reference(prompt, cache_params=caches["hf"])
-            fast(prompt, cache_params=caches["ours"])
+            reference(prompt, **{CACHE_NAME: caches["hf"]})
+            fast(prompt, **{CACHE_NAME: caches["ours"]})
 
             def step(name, mixer):
-                return lambda: outputs[name].append(mixer(token, cache_params=caches[name]))
+                return lambda: outputs[name].append(mixer(token, **{CACHE_NAME: caches[name]}))
 
             times = alternate({"hf": step("hf", reference), "ours": step("ours", fast)}, steps)
         diff = max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(outputs["hf"], outputs["ours"]))

@@ -19,6 +19,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProces
 
 from ml_mamba.processing.ml_mamba_tokenizers import train_bpe_tokenizer
 from modeling_ml_mamba import MLMambaConfig, MLMambaForConditionalGeneration, MLMambaProcessor
+from modeling_ml_mamba.ml_mamba_compat import CACHE_NAME
 from modeling_ml_mamba.ml_mamba_fast_mamba2 import enable_fast_mamba2
 
 ARMS = ("ml-mamba", "ml-mamba-hf", "llava")
@@ -131,11 +132,17 @@ def cache_bytes(cache) -> int:
 
 def decode_step(arm: str, model, tokens: torch.Tensor, cache):
     """One cached forward of `tokens` (batch, 1): the call `generate` makes per new token. Returns the logits."""
-    cache_kwarg = "past_key_values" if arm == "llava" else "cache_params"
-    return model(input_ids=tokens, use_cache=True, logits_to_keep=1, **{cache_kwarg: cache}).logits
+    return model(input_ids=tokens, use_cache=True, logits_to_keep=1, **{_cache_name(arm): cache}).logits
 
 
 def prefill(arm: str, model, inputs_embeds: torch.Tensor):
     """The cached forward over a whole context given as embeddings; returns (logits of the last position, cache)."""
     out = model(inputs_embeds=inputs_embeds, use_cache=True, logits_to_keep=1)
-    return out.logits, (out.past_key_values if arm == "llava" else out.cache_params)
+    return out.logits, getattr(out, _cache_name(arm))
+
+
+def _cache_name(arm: str) -> str:
+    """The cache's keyword and output field: `cache` from transformers 5.24 on, else per model family."""
+    if CACHE_NAME == "cache":
+        return "cache"
+    return "past_key_values" if arm == "llava" else CACHE_NAME

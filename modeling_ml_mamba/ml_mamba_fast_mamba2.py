@@ -31,6 +31,7 @@ from torch import nn
 from transformers.integrations.accelerate import force_accelerate_hooks
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer, apply_mask_to_padding_states
 
+from .ml_mamba_compat import CACHE_NAME, pick_cache
 from .ml_mamba_scan import causal_depthwise_conv1d
 from .ml_mamba_ssd import CPU_CHUNK_SIZE, ssd_chunked, ssd_step
 
@@ -59,10 +60,12 @@ class FastMamba2Mixer(Mamba2Mixer):
     prefill_segment = PREFILL_SEGMENT
 
     @force_accelerate_hooks("conv1d")
-    def forward(self, hidden_states: torch.Tensor, cache_params=None, attention_mask: torch.Tensor | None = None,
-                **kwargs):
+    def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask: torch.Tensor | None = None,
+                cache_params=None, **kwargs):
+        cache_params = pick_cache(cache, cache_params)  # `cache` from transformers 5.24 on
         if not _on_fast_path(hidden_states, cache_params, kwargs, self.layer_idx):
-            return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
+            return super().forward(hidden_states, attention_mask=attention_mask, **{CACHE_NAME: cache_params},
+                                   **kwargs)
         if (cache_params is not None and hidden_states.shape[1] == 1
                 and cache_params.get_conv_state(self.layer_idx) is not None
                 and cache_params.get_recurrent_state(self.layer_idx) is not None):

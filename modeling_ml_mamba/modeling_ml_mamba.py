@@ -9,8 +9,6 @@ the embeddings, run the Mamba LM. The LM is transformers' own `Mamba2Model` / `M
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
@@ -20,29 +18,32 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
 
 from .configuration_ml_mamba import MLMambaConfig
+from .ml_mamba_compat import CACHE_NAME, output_with_cache, pick_cache
 from .ml_mamba_connectors import build_connector
 from .ml_mamba_fast_mamba2 import enable_fast_mamba2
 from .ml_mamba_scan import ScanDirection
 from .ml_mamba_vision import build_vision_tower
 
 
-@dataclass
+@output_with_cache
 class MLMambaModelOutput(ModelOutput):
-    """Output of `MLMambaModel`: the LM's last hidden state, its recurrent cache and the projected image features."""
+    """Output of `MLMambaModel`: the LM's last hidden state, its recurrent cache and the projected image features.
+
+    The cache field is `cache` from transformers 5.24 on and `cache_params` before (`ml_mamba_compat`)."""
 
     last_hidden_state: torch.FloatTensor | None = None
-    cache_params: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
 
 
-@dataclass
+@output_with_cache
 class MLMambaCausalLMOutput(ModelOutput):
-    """Output of `MLMambaForConditionalGeneration`."""
+    """Output of `MLMambaForConditionalGeneration` (cache field named as in `MLMambaModelOutput`)."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    cache_params: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
 
@@ -54,7 +55,7 @@ class MLMambaPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _is_stateful = True  # a recurrent cache cannot be rolled back: no assisted decoding
-    _skip_keys_device_placement = ["cache_params", "past_key_values"]
+    _skip_keys_device_placement = ["cache", "cache_params", "past_key_values"]
     _supports_sdpa = True  # lets `attn_implementation="sdpa"` reach the vision tower
     _supports_flash_attn = True
 
@@ -127,14 +128,15 @@ class MLMambaModel(MLMambaPreTrainedModel):
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        cache_params: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache_params: Cache | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> MLMambaModelOutput:
-        cache_params = cache_params if cache_params is not None else past_key_values
+        cache = pick_cache(cache, cache_params, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         if inputs_embeds is None:
@@ -145,7 +147,7 @@ class MLMambaModel(MLMambaPreTrainedModel):
             image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
-        elif input_ids is not None and self.config.image_token_id is not None and not _is_decoding(cache_params):
+        elif input_ids is not None and self.config.image_token_id is not None and not _is_decoding(cache):
             count = int((input_ids == self.config.image_token_id).sum())
             if count:
                 raise ValueError(f"The input holds {count} `<image>` tokens but no `pixel_values` were given.")
@@ -153,23 +155,23 @@ class MLMambaModel(MLMambaPreTrainedModel):
         # No **kwargs: transformers' Mamba models pass them on to their mixer kernels.
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
-            cache_params=cache_params,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             attention_mask=attention_mask,
             return_dict=True,
+            **{CACHE_NAME: cache},
         )
         return MLMambaModelOutput(
             last_hidden_state=outputs.last_hidden_state,
-            cache_params=outputs.cache_params,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             image_hidden_states=image_features,
         )
 
 
-def _is_decoding(cache_params: Cache | None) -> bool:
+def _is_decoding(cache: Cache | None) -> bool:
     """True once the recurrent cache holds a state, i.e. after prefill (a generated `<image>` id is then just text)."""
-    return cache_params is not None and cache_params.has_previous_state(0)
+    return cache is not None and cache.has_previous_state(0)
 
 
 class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
@@ -216,12 +218,13 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        cache_params: Cache | None = None,
+        cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache_params: Cache | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> MLMambaCausalLMOutput:
@@ -235,7 +238,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
-            cache_params=cache_params if cache_params is not None else past_key_values,
+            cache=pick_cache(cache, cache_params, past_key_values),
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
         )
@@ -252,7 +255,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         return MLMambaCausalLMOutput(
             loss=loss,
             logits=logits,
-            cache_params=outputs.cache_params,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             image_hidden_states=outputs.image_hidden_states,
         )

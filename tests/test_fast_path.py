@@ -17,6 +17,7 @@ from utils import digit_images, tiny_config, tiny_model
 
 import modeling_ml_mamba.ml_mamba_ssd as ssd_module
 from modeling_ml_mamba import MLMambaForConditionalGeneration
+from modeling_ml_mamba.ml_mamba_compat import CACHE_NAME
 from modeling_ml_mamba.ml_mamba_fast_mamba2 import FastMamba2Mixer, enable_fast_mamba2
 from modeling_ml_mamba.ml_mamba_scan import MultiScanMamba2Mixer, causal_depthwise_conv1d
 from modeling_ml_mamba.ml_mamba_ssd import ssd_chunked, ssd_sequential, ssd_step
@@ -166,22 +167,22 @@ def test_fast_mixer_matches_transformers_forward_prefill_cache_and_decode(lm_pai
         torch.testing.assert_close(fast(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-4)
         ours, theirs = fast(ids, use_cache=True), reference(ids, use_cache=True)
         torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=1e-4)
-        for a, b in zip(_states(ours.cache_params), _states(theirs.cache_params)):
+        for a, b in zip(_states(ours[CACHE_NAME]), _states(theirs[CACHE_NAME])):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
         # continuing a cache with several tokens (chunked prefill), then single-token decoding
         more = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(2))
-        torch.testing.assert_close(fast(more, cache_params=ours.cache_params, use_cache=True).logits,
-                                   reference(more, cache_params=theirs.cache_params, use_cache=True).logits,
+        torch.testing.assert_close(fast(more, use_cache=True, **{CACHE_NAME: ours[CACHE_NAME]}).logits,
+                                   reference(more, use_cache=True, **{CACHE_NAME: theirs[CACHE_NAME]}).logits,
                                    atol=1e-5, rtol=1e-4)
         token = more[:, -1:]
         for _ in range(4):
-            a = fast(token, cache_params=ours.cache_params, use_cache=True).logits
-            b = reference(token, cache_params=theirs.cache_params, use_cache=True).logits
+            a = fast(token, use_cache=True, **{CACHE_NAME: ours[CACHE_NAME]}).logits
+            b = reference(token, use_cache=True, **{CACHE_NAME: theirs[CACHE_NAME]}).logits
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
             token = b[:, -1:].argmax(-1)
         one_shot = reference(torch.cat([ids, more], 1)).logits[:, -1]
-        resumed = fast(more[:, -1:], cache_params=fast(torch.cat([ids, more[:, :-1]], 1), use_cache=True).cache_params,
-                       use_cache=True).logits[:, -1]
+        prefix = fast(torch.cat([ids, more[:, :-1]], 1), use_cache=True)[CACHE_NAME]
+        resumed = fast(more[:, -1:], use_cache=True, **{CACHE_NAME: prefix}).logits[:, -1]
         torch.testing.assert_close(resumed, one_shot, atol=1e-5, rtol=1e-4)
 
 
