@@ -9,6 +9,7 @@ the embeddings, run the Mamba LM. The LM is transformers' own `Mamba2Model` / `M
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
