@@ -24,11 +24,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from transformers import Mamba2Config
-from transformers.cache_utils import DynamicCache
-from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer, causal_conv1d_fn, mamba2_chunk_scan
+from transformers import DynamicCache, Mamba2Config
 
-from modeling_ml_mamba.ml_mamba_compat import CACHE_NAME
+from modeling_ml_mamba.ml_mamba_compat import CACHE_NAME, Mamba2Mixer, causal_conv1d_fn, mamba2_chunk_scan
 from modeling_ml_mamba.ml_mamba_fast_mamba2 import CPU_CHUNK_SIZE, enable_fast_mamba2
 from modeling_ml_mamba.ml_mamba_scan import MultiScanMamba2Mixer, scan_orders
 from modeling_ml_mamba.ml_mamba_ssd import ssd_chunked

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers import CONFIG_MAPPING, AutoConfig, PreTrainedConfig
+
+from .ml_mamba_compat import SubConfigSpec
 
 VISION_MODEL_TYPES = ("siglip_vision_model", "dinov2", "dinov2_with_registers", "clip_vision_model")
 TEXT_MODEL_TYPES = ("mamba2", "mamba")

@@ -28,10 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.integrations.accelerate import force_accelerate_hooks
-from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer, apply_mask_to_padding_states
 
-from .ml_mamba_compat import CACHE_NAME, pick_cache
+from .ml_mamba_compat import CACHE_NAME, Mamba2Mixer, advance_cache_count, force_accelerate_hooks, pick_cache
 from .ml_mamba_scan import causal_depthwise_conv1d
 from .ml_mamba_ssd import CPU_CHUNK_SIZE, ssd_chunked, ssd_step
 
@@ -39,6 +37,13 @@ from .ml_mamba_ssd import CPU_CHUNK_SIZE, ssd_chunked, ssd_step
 PREFILL_SEGMENT = 1024
 # Keyword arguments only mamba-ssm's kernels understand; with them the mixer defers to transformers.
 _KERNEL_ONLY_KWARGS = ("seq_idx", "cu_seqlens", "cu_seq_lens", "position_ids")
+
+
+def apply_mask_to_padding_states(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the states of padding positions (left padding), as transformers' Mamba-2 does."""
+    if attention_mask is None:
+        return hidden_states
+    return (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
 
 
 def _on_fast_path(tensor: torch.Tensor, cache_params, kwargs, layer_idx: int | None = None) -> bool:
@@ -113,6 +118,7 @@ class FastMamba2Mixer(Mamba2Mixer):
         )
         if new_state is not ssm_state:  # autograd or a low-precision cache: write the new state back
             cache_params.update_recurrent_state(new_state, self.layer_idx)
+        advance_cache_count(cache_params, self.layer_idx)
         y = self._gated_norm(y.view(batch, 1, self.intermediate_size), gate[:, None])
         return self.out_proj(y.to(dtype))
 
@@ -138,6 +144,7 @@ class FastMamba2Mixer(Mamba2Mixer):
             outputs.append(out)
         if cache_params is not None:  # the last k conv inputs (zeros before the start) and the final state
             cache_params.update_conv_state(window.transpose(1, 2), self.layer_idx, conv_kernel_size=kernel)
+            advance_cache_count(cache_params, self.layer_idx, length - kernel)  # it counted the window's k tokens
             cache_params.update_recurrent_state(state, self.layer_idx)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 

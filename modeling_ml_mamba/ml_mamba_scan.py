@@ -18,8 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
-
+from .ml_mamba_norm import GatedRMSNorm
 from .ml_mamba_ssd import ssd_scan
 
 try:  # GPU fast path for the depthwise causal convolution
@@ -157,8 +156,8 @@ class MultiScanMamba2Mixer(nn.Module):
             ScanDirection(self.conv_dim, self.num_heads, conv_kernel, use_conv_bias)
             for _ in range(SCAN_DIRECTIONS[scan])
         )
-        self.norm = MambaRMSNormGated(self.intermediate_size, group_size=self.intermediate_size // n_groups,
-                                      eps=layer_norm_epsilon)
+        self.norm = GatedRMSNorm(self.intermediate_size, group_size=self.intermediate_size // n_groups,
+                                eps=layer_norm_epsilon)
         self.out_proj = nn.Linear(self.intermediate_size, hidden_size, bias=use_bias)
 
     def scan_direction(self, direction: ScanDirection, xbc: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:

@@ -12,16 +12,15 @@ import math
 
 import torch
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, Cache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
-from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
 
 from .configuration_ml_mamba import MLMambaConfig
 from .ml_mamba_compat import CACHE_NAME, output_with_cache, pick_cache
 from .ml_mamba_connectors import build_connector
 from .ml_mamba_fast_mamba2 import enable_fast_mamba2
+from .ml_mamba_norm import GatedRMSNorm
 from .ml_mamba_scan import ScanDirection
 from .ml_mamba_vision import build_vision_tower
 
@@ -72,7 +71,7 @@ class MLMambaPreTrainedModel(PreTrainedModel):
             init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
             if module.conv1d.bias is not None:
                 init.zeros_(module.conv1d.bias)
-        elif isinstance(module, MambaRMSNormGated):
+        elif isinstance(module, GatedRMSNorm):
             init.ones_(module.weight)
 
 

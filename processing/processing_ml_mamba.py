@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-from transformers import AddedToken
+from transformers import AddedToken, ProcessorMixin
 from transformers.image_utils import make_flat_list_of_images
-from transformers.processing_utils import ProcessorMixin
 
 from .ml_mamba_chat_templates import ZEPHYR_CHAT_TEMPLATE
 from .ml_mamba_image_utils import map_images

@@ -76,7 +76,7 @@ def _auto_map_references(folder: Path, report: ValidationReport) -> dict[str, li
 
 def check_remote_code(folder: Path, report: ValidationReport) -> None:
     from transformers.dynamic_module_utils import get_relative_imports
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING
 
     config = _read_json(folder / "config.json", report) if (folder / "config.json").is_file() else None
     if config is None:

@@ -6,6 +6,18 @@ import sys
 
 import pytest
 
+# The compatibility subset (`pytest -m compat`), which CI also runs on the oldest transformers the package allows:
+# model, processor, config, generate with a cache, the fast path against transformers' reference path, save + load
+# through `trust_remote_code` in a fresh process, LoRA training steps, and the internal-imports rule.
+COMPAT_MODULES = {"test_compat.py", "test_config.py", "test_modeling.py", "test_processor.py", "test_generation.py",
+                  "test_fast_path.py", "test_hub_roundtrip.py", "test_training.py"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in COMPAT_MODULES:
+            item.add_marker(pytest.mark.compat)
+
 
 @pytest.fixture(scope="session")
 def trained_demo(tmp_path_factory):

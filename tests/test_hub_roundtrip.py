@@ -1,11 +1,13 @@
 """Save every architecture Hub-style and load it in a fresh offline process that cannot import this package:
-bit-identical logits through each Auto class, and the image-text-to-text pipeline. Budget: ~60 s."""
+bit-identical logits and generated tokens through each Auto class, and the image-text-to-text pipeline. Part of the
+`compat` subset that CI also runs on the oldest supported transformers. Budget: ~60 s."""
 
 import json
 import os
 
 import numpy as np
 import torch
+import transformers
 from utils import digit_images, run_without_package, tiny_model
 
 VARIANTS = [("mlp", "mamba2", "siglip"), ("fused-mlp", "mamba", "fused"), ("ldp", "mamba2", "clip"),
@@ -27,6 +29,8 @@ def test_saved_folders_load_without_the_package_and_match_bit_for_bit(tmp_path):
                            return_tensors="pt")
         with torch.no_grad():
             np.save(folder / "expected_logits.npy", model(**inputs).logits.numpy())
+        np.save(folder / "expected_tokens.npy",
+                model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False).numpy())
         folders.append(str(folder))
         files = set(os.listdir(folder))
         assert {"config.json", "configuration_ml_mamba.py", "modeling_ml_mamba.py", "processing_ml_mamba.py",
@@ -37,8 +41,9 @@ def test_saved_folders_load_without_the_package_and_match_bit_for_bit(tmp_path):
         assert auto_map["AutoModelForImageTextToText"] == "modeling_ml_mamba.MLMambaForConditionalGeneration"
 
     output = run_without_package(f"""
-        import numpy as np, torch
+        import numpy as np, torch, transformers
         from PIL import Image
+        print("transformers", transformers.__version__)
         from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
                                   AutoProcessor, pipeline)
         from sklearn.datasets import load_digits
@@ -54,6 +59,8 @@ def test_saved_folders_load_without_the_package_and_match_bit_for_bit(tmp_path):
             with torch.no_grad():
                 logits = model(**inputs).logits.numpy()
             assert np.array_equal(logits, np.load(folder + "/expected_logits.npy")), folder
+            tokens = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False).numpy()
+            assert np.array_equal(tokens, np.load(folder + "/expected_tokens.npy")), folder
             assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__ == "MLMambaModel"
             assert type(AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)).__name__ == \\
                 "MLMambaForConditionalGeneration"
@@ -68,4 +75,5 @@ def test_saved_folders_load_without_the_package_and_match_bit_for_bit(tmp_path):
         print("pipeline answered", repr(single[0]["generated_text"]))
     """, cwd=str(tmp_path))
     assert output.count("identical") == len(VARIANTS)
+    assert f"transformers {transformers.__version__}" in output  # the release under test, also in the fresh process
     assert "transformers_modules" in output and "pipeline answered" in output

@@ -4,9 +4,9 @@ placement, bad inputs, training mode. Budget: ~30 s."""
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
 from utils import chat, digit_images, tiny_model
 
+from modeling_ml_mamba.ml_mamba_compat import mamba2_chunk_scan
 from modeling_ml_mamba.ml_mamba_scan import MultiScanMamba2Mixer, scan_orders
 from modeling_ml_mamba.ml_mamba_ssd import ssd_chunked, ssd_scan, ssd_sequential
 
