@@ -41,6 +41,8 @@ def _as_config(value, key: str, allowed: tuple[str, ...]) -> PreTrainedConfig:
     if isinstance(value, dict):
         value = dict(value)
         model_type = value.pop("model_type", None)
+        if model_type == "siglip_vision_model":  # we read hidden states: the attention-pool head is never used
+            value.setdefault("vision_use_head", False)
         if model_type == MLMambaFusedVisionConfig.model_type:
             value = MLMambaFusedVisionConfig(**value)
         elif model_type in CONFIG_MAPPING:
@@ -136,7 +138,8 @@ class MLMambaConfig(PreTrainedConfig):
 
     model_type = "ml_mamba"
     sub_configs_defaults = {
-        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="siglip_vision_model"),
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="siglip_vision_model",
+                                       init_kwargs={"vision_use_head": False}),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="mamba2",
                                      init_kwargs={k: v for k, v in MAMBA2_2_7B.items() if k != "model_type"}),
     }
@@ -192,6 +195,19 @@ class MLMambaConfig(PreTrainedConfig):
             auto_map.setdefault(auto_class, reference)
         self.auto_map = auto_map
 
+    def fit_tokenizer(self, tokenizer, image_token: str = "<image>", pad_vocab_to_multiple_of: int = 8):
+        """Make this config match ``tokenizer``: ``<image>`` is added to the tokenizer as a special token when
+        missing (as `MLMambaProcessor` does), ``image_token_id`` is set to its id, and the language model's vocabulary
+        grows to hold every token id (rounded up to a multiple of ``pad_vocab_to_multiple_of``). Returns ``self``."""
+        from transformers import AddedToken
+
+        if image_token not in tokenizer.get_vocab():
+            tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        needed = -(-len(tokenizer) // pad_vocab_to_multiple_of) * pad_vocab_to_multiple_of
+        self.text_config.vocab_size = max(self.text_config.vocab_size, needed)
+        return self
+
     @property
     def num_patches(self) -> int:
         """Patch tokens the vision tower emits per image."""
@@ -222,3 +238,7 @@ class MLMambaConfig(PreTrainedConfig):
             conv_kernel=pick(self.connector_conv_kernel, "conv_kernel", 4),
             chunk_size=pick(self.connector_chunk_size, "chunk_size", 256),
         )
+
+
+# `AutoConfig.for_model("ml_mamba_fused_vision")` and a saved fused vision sub-config load like any other config.
+AutoConfig.register(MLMambaFusedVisionConfig.model_type, MLMambaFusedVisionConfig, exist_ok=True)

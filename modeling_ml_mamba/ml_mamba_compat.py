@@ -29,7 +29,11 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
+import transformers
 from transformers import Mamba2Model
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # --- the cache name (5.24+: `cache`; 5.23: `cache_params`) -------------------------------------------------------
 try:
@@ -43,11 +47,18 @@ CACHE_NAME = "cache" if "cache" in ALL_CACHE_NAMES else "cache_params"
 
 
 def pick_cache(cache=None, cache_params=None, past_key_values=None):
-    """The one cache given under any of the names the releases use (an error if two differ)."""
-    given = [c for c in (cache, cache_params, past_key_values) if c is not None]
-    if any(c is not given[0] for c in given[1:]):
+    """The one cache given under any of the names the releases use (an error if two differ). A name other than this
+    release's (`CACHE_NAME`) works but warns once, as transformers does, so that callers migrate."""
+    given = {name: c for name, c in (("cache", cache), ("cache_params", cache_params),
+                                      ("past_key_values", past_key_values)) if c is not None}
+    caches = list(given.values())
+    if any(c is not caches[0] for c in caches[1:]):
         raise ValueError("Pass the cache once: `cache`, `cache_params` and `past_key_values` name the same argument.")
-    return given[0] if given else None
+    for name in given:
+        if name != CACHE_NAME:
+            logger.warning_once(f"`{name}` is deprecated with transformers {transformers.__version__}: pass the "
+                                f"recurrent cache as `{CACHE_NAME}`.")
+    return caches[0] if caches else None
 
 
 def output_with_cache(cls):

@@ -55,8 +55,10 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset_config(name: str, **overrides) -> MLMambaConfig:
-    """The `MLMambaConfig` of a named preset (see `PRESETS`), with any field overridden by keyword."""
+def preset_config(name: str, tokenizer=None, **overrides) -> MLMambaConfig:
+    """The `MLMambaConfig` of a named preset (see `PRESETS`), with any field overridden by keyword; with a
+    ``tokenizer``, fitted to it (`MLMambaConfig.fit_tokenizer`: ``<image>`` id and vocabulary size), ready for
+    `MLMambaProcessor.from_config(config, tokenizer)`."""
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}: expected one of {sorted(PRESETS)}.")
     fields = dict(PRESETS[name])
@@ -64,4 +66,5 @@ def preset_config(name: str, **overrides) -> MLMambaConfig:
         value = fields[key]
         fields[key] = [dict(v) for v in value] if isinstance(value, list) else dict(value)
     fields.update(overrides)
-    return MLMambaConfig(**fields)
+    config = MLMambaConfig(**fields)
+    return config.fit_tokenizer(tokenizer) if tokenizer is not None else config

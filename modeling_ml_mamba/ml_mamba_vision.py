@@ -7,15 +7,16 @@ from torch import nn
 from transformers import AutoModel
 
 
-def patch_features(tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int, patch_size: int) -> torch.Tensor:
-    """Patch tokens of one tower at ``feature_layer`` (prefix tokens such as CLS and registers dropped).
+def patch_features(tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int, patch_size: int):
+    """Patch tokens of one tower at ``feature_layer`` (prefix tokens such as CLS and registers dropped), and all of
+    the tower's hidden states.
 
-    (images, 3, H, W) -> (images, (H / patch) * (W / patch), hidden).
+    (images, 3, H, W) -> (images, (H / patch) * (W / patch), hidden), tuple of (images, tokens, hidden).
     """
     outputs = tower(pixel_values=pixel_values.to(tower.dtype), output_hidden_states=True)
     hidden = outputs.hidden_states[feature_layer]
     num_patches = (pixel_values.shape[-2] // patch_size) * (pixel_values.shape[-1] // patch_size)
-    return hidden[:, -num_patches:]  # CLIP/DINOv2 put their prefix tokens first; SigLIP has none
+    return hidden[:, -num_patches:], outputs.hidden_states  # CLIP/DINOv2 put prefix tokens first; SigLIP has none
 
 
 class FusedVisionTower(nn.Module):
@@ -32,13 +33,15 @@ class FusedVisionTower(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.first_tower.dtype
 
-    def forward(self, pixel_values: torch.Tensor, feature_layer: int) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, feature_layer: int):
+        """(features, hidden states): patch features of both towers concatenated channel-wise, and the pair of the
+        towers' hidden-state tuples."""
         if pixel_values.shape[1] != 6:
             raise ValueError(f"The fused vision tower expects 6-channel pixel_values (one normalisation per tower), got "
                              f"shape {tuple(pixel_values.shape)}; use MLMambaProcessor with `image_normalizations`.")
-        first = patch_features(self.first_tower, pixel_values[:, :3], feature_layer, self.patch_size)
-        second = patch_features(self.second_tower, pixel_values[:, 3:], feature_layer, self.patch_size)
-        return torch.cat([first, second], dim=-1)
+        first, first_hidden = patch_features(self.first_tower, pixel_values[:, :3], feature_layer, self.patch_size)
+        second, second_hidden = patch_features(self.second_tower, pixel_values[:, 3:], feature_layer, self.patch_size)
+        return torch.cat([first, second], dim=-1), (first_hidden, second_hidden)
 
 
 class VisionTower(nn.Module):
@@ -53,7 +56,8 @@ class VisionTower(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
-    def forward(self, pixel_values: torch.Tensor, feature_layer: int) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, feature_layer: int):
+        """(features, hidden states): patch features at ``feature_layer`` and the tower's hidden states."""
         return patch_features(self.model, pixel_values, feature_layer, self.patch_size)
 
 

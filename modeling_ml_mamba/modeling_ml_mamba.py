@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, Cache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 
 from .configuration_ml_mamba import MLMambaConfig
 from .ml_mamba_compat import CACHE_NAME, output_with_cache, pick_cache
@@ -82,6 +82,10 @@ class MLMambaModel(MLMambaPreTrainedModel):
         super().__init__(config)
         self.vision_tower = build_vision_tower(config.vision_config)
         self.connector = build_connector(config, config.vision_config.hidden_size, config.text_config.hidden_size)
+        if config.text_config._attn_implementation not in (None, "eager"):
+            # The Mamba LM has no attention: `attn_implementation="sdpa"` (a string reaches every sub-config) is
+            # for the vision tower; the LM takes eager, as transformers' own Mamba models do.
+            config.text_config._attn_implementation = "eager"
         self.language_model = AutoModel.from_config(config.text_config)
         if getattr(config, "use_fast_cpu_path", True):  # Mamba-2 LM: faster PyTorch path on CPU, same weights
             enable_fast_mamba2(self.language_model)
@@ -93,11 +97,25 @@ class MLMambaModel(MLMambaPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """(images, C, H, W) -> (images, num_image_tokens, text_hidden): vision tower, selected layer, connector."""
-        features = self.vision_tower(pixel_values, self.config.vision_feature_layer)
+    def get_image_features(self, pixel_values: torch.FloatTensor, vision_feature_layer: int | None = None,
+                           output_hidden_states: bool | None = None, return_dict: bool | None = None, **kwargs):
+        """Encode images the vision-language way of transformers 5.24+ (as LLaVA does).
+
+        Returns a `BaseModelOutputWithPooling` (a tuple with ``return_dict=False``): ``pooler_output`` the projected
+        features the LM reads, (images, num_image_tokens, text_hidden); ``last_hidden_state`` the vision features
+        the connector reads (patch tokens at ``vision_feature_layer``, default ``config.vision_feature_layer``);
+        ``hidden_states`` the tower's hidden states if ``output_hidden_states`` (for a fused tower, one tuple per
+        tower).
+        """
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        features, hidden_states = self.vision_tower(pixel_values, layer)
         connector_dtype = next(self.connector.parameters()).dtype
-        return self.connector(features.to(connector_dtype))
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=features,
+            pooler_output=self.connector(features.to(connector_dtype)),
+            hidden_states=hidden_states if output_hidden_states else None,
+        )
+        return output if _return_dict(return_dict, self.config) else output.to_tuple()
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None) -> torch.BoolTensor:
         """Mask of `<image>` positions, (batch, seq, hidden); checks that their number matches the features."""
@@ -144,7 +162,8 @@ class MLMambaModel(MLMambaPreTrainedModel):
 
         image_features = None
         if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+            image_features = self.get_image_features(pixel_values, return_dict=True).pooler_output
+            image_features = image_features.to(inputs_embeds.dtype)
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
         elif input_ids is not None and self.config.image_token_id is not None and not _is_decoding(cache):
@@ -161,12 +180,18 @@ class MLMambaModel(MLMambaPreTrainedModel):
             return_dict=True,
             **{CACHE_NAME: cache},
         )
-        return MLMambaModelOutput(
+        output = MLMambaModelOutput(
             last_hidden_state=outputs.last_hidden_state,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             image_hidden_states=image_features,
         )
+        return output if _return_dict(return_dict, self.config) else output.to_tuple()
+
+
+def _return_dict(return_dict: bool | None, config) -> bool:
+    """transformers' convention: the argument, else ``config.return_dict`` (True unless set otherwise)."""
+    return return_dict if return_dict is not None else getattr(config, "return_dict", True)
 
 
 def _is_decoding(cache: Cache | None) -> bool:
@@ -209,8 +234,10 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        return self.model.get_image_features(pixel_values)
+    def get_image_features(self, pixel_values: torch.FloatTensor, vision_feature_layer: int | None = None,
+                           output_hidden_states: bool | None = None, return_dict: bool | None = None, **kwargs):
+        return self.model.get_image_features(pixel_values, vision_feature_layer=vision_feature_layer,
+                                             output_hidden_states=output_hidden_states, return_dict=return_dict)
 
     def forward(
         self,
@@ -241,6 +268,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
             cache=pick_cache(cache, cache_params, past_key_values),
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -252,13 +280,14 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
                 labels = labels.masked_fill(labels == self.config.image_token_id, -100)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
                                       **kwargs)
-        return MLMambaCausalLMOutput(
+        output = MLMambaCausalLMOutput(
             loss=loss,
             logits=logits,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             image_hidden_states=outputs.image_hidden_states,
         )
+        return output if _return_dict(return_dict, self.config) else output.to_tuple()
 
 
 __all__ = ["MLMambaPreTrainedModel", "MLMambaModel", "MLMambaForConditionalGeneration"]

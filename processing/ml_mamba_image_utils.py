@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import os
+import urllib.parse
+import urllib.request
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -18,15 +22,45 @@ def _decode(data: bytes, where: str) -> Image.Image:
     return image
 
 
+_BASE64_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=-_\n\r")
+
+
+def _from_base64(data: str, where: str) -> bytes:
+    data = "".join(data.split())
+    data += "=" * (-len(data) % 4)
+    try:  # the standard alphabet, or the URL-safe one
+        return base64.b64decode(data, altchars=b"-_" if ("-" in data or "_" in data) else None, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ValueError(f"{where}: the base64 image data could not be decoded ({err}).") from None
+
+
+def _from_data_url(url: str, where: str) -> Image.Image:
+    """``data:image/png;base64,...`` (what the openai client sends for a local image)."""
+    header, comma, payload = url.partition(",")
+    if not comma or not header.endswith(";base64") or not header[len("data:"):].startswith("image/"):
+        raise ValueError(f"{where}: malformed data URL {url[:40]!r}...; expected 'data:image/<format>;base64,<data>'.")
+    return _decode(_from_base64(payload, f"{where} (data URL)"), f"{where} (data URL)")
+
+
 def _open(source: str, where: str) -> Image.Image:
+    """A path, a ``file://`` / ``http(s)://`` / ``data:`` URL, or raw base64 image data."""
     if source.startswith(("http://", "https://")):
         from transformers.image_utils import load_image
 
         return load_image(source)
-    if not os.path.isfile(source):
-        raise ValueError(f"{where}: no image file at {source!r}.")
-    with open(source, "rb") as handle:
-        return _decode(handle.read(), f"{where} ({source!r})")
+    if source.startswith("data:"):
+        return _from_data_url(source, where)
+    if source.startswith("file://"):
+        parsed = urllib.parse.urlparse(source)
+        source = urllib.request.url2pathname(urllib.parse.unquote(parsed.path))
+    if os.path.isfile(source):
+        with open(source, "rb") as handle:
+            return _decode(handle.read(), f"{where} ({source!r})")
+    if len(source) >= 64 and set(source) <= _BASE64_CHARS:  # raw base64 (transformers' load_image takes it too)
+        return _decode(_from_base64(source, where), f"{where} (base64 data)")
+    shown = source if len(source) <= 80 else source[:77] + "..."
+    raise ValueError(f"{where}: no image file at {shown!r} (expected a path, a file://, http(s):// or "
+                     f"data:image/...;base64 URL, or base64 image data).")
 
 
 def to_rgb(image: Image.Image, background=(255, 255, 255)) -> Image.Image:
@@ -47,7 +81,8 @@ def to_rgb(image: Image.Image, background=(255, 255, 255)) -> Image.Image:
 
 
 def load_rgb(image, where: str = "image"):
-    """An RGB PIL image from a PIL image, file path, URL, raw bytes or a 2D/3D uint8 array; tensors pass through."""
+    """An RGB PIL image from a PIL image, a file path, a file:// / http(s):// / data: URL, base64 text, raw bytes or a
+    2D/3D uint8 array; tensors pass through."""
     if isinstance(image, Image.Image):
         try:
             image.load()

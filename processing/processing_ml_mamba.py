@@ -12,6 +12,10 @@ from .ml_mamba_image_utils import map_images
 # The two normalisations of the fused DINOv2 + SigLIP tower, in tower order (DESIGN.md).
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SIGLIP_MEAN, SIGLIP_STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+# Each single tower's own normalisation, by model type.
+TOWER_NORMALIZATIONS = {"siglip_vision_model": (SIGLIP_MEAN, SIGLIP_STD), "clip_vision_model": (CLIP_MEAN, CLIP_STD),
+                        "dinov2": (IMAGENET_MEAN, IMAGENET_STD), "dinov2_with_registers": (IMAGENET_MEAN, IMAGENET_STD)}
 DINO_SIGLIP_NORMALIZATIONS = [{"mean": IMAGENET_MEAN, "std": IMAGENET_STD}, {"mean": SIGLIP_MEAN, "std": SIGLIP_STD}]
 
 
@@ -55,6 +59,43 @@ class MLMambaProcessor(ProcessorMixin):
         self.max_prompt_length = max_prompt_length
         super().__init__(image_processor, tokenizer,
                          chat_template=chat_template if chat_template is not None else ZEPHYR_CHAT_TEMPLATE)
+
+    @classmethod
+    def from_config(cls, config, tokenizer, image_processor=None, image_normalizations=None,
+                    check_vocab_size: bool = True, **kwargs):
+        """The processor that matches a model config (`MLMambaConfig`): square resize to ``config.image_size``, the
+        vision tower's normalisation (one per tower for the fused DINOv2 + SigLIP tower), ``num_image_tokens``.
+
+        ```python
+        >>> config = preset_config("ml-mamba-2.7b", tokenizer=tokenizer)  # image_token_id and vocab from the tokenizer
+        >>> processor = MLMambaProcessor.from_config(config, tokenizer)
+        ```
+        Raises when the two disagree: a different ``<image>`` id than ``config.image_token_id``, or token ids beyond
+        the language model's vocabulary (``check_vocab_size=False`` when you resize the embeddings afterwards).
+        """
+        from transformers import SiglipImageProcessor
+
+        vision = config.vision_config
+        fused = vision.model_type == "ml_mamba_fused_vision"
+        if image_processor is None:
+            mean, std = TOWER_NORMALIZATIONS.get(getattr(vision, "model_type", None), (SIGLIP_MEAN, SIGLIP_STD))
+            image_processor = SiglipImageProcessor(size={"height": config.image_size, "width": config.image_size},
+                                                   image_mean=mean, image_std=std)
+        if fused and image_normalizations is None:
+            image_normalizations = DINO_SIGLIP_NORMALIZATIONS
+        processor = cls(image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=config.num_image_tokens,
+                        image_normalizations=image_normalizations if fused else None, **kwargs)
+        if config.image_token_id is not None and config.image_token_id != processor.image_token_id:
+            raise ValueError(f"config.image_token_id is {config.image_token_id} but the tokenizer's "
+                             f"{processor.image_token} is {processor.image_token_id}: build the config with "
+                             f"`preset_config(..., tokenizer=tokenizer)` or set config.image_token_id = "
+                             f"{processor.image_token_id}.")
+        vocab_size = config.text_config.vocab_size
+        if check_vocab_size and len(processor.tokenizer) > vocab_size:
+            raise ValueError(f"The tokenizer has {len(processor.tokenizer)} tokens ({processor.image_token} included) "
+                             f"but the language model's vocabulary is {vocab_size}: raise "
+                             f"config.text_config.vocab_size (preset_config(..., tokenizer=tokenizer) does).")
+        return processor
 
     def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
         """`processor(images=..., text=...)`: text is a string or a list (one per sample); images a list in

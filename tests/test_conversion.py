@@ -210,7 +210,7 @@ def test_ml_mamba_checkpoint_converts_and_matches_the_authors_math(sources, tmp_
     parts = checkpoint["model"]
     features = _vision_features(sources, inputs["pixel_values"])
     with torch.no_grad():
-        ours = model.model.get_image_features(inputs["pixel_values"])
+        ours = model.model.get_image_features(inputs["pixel_values"]).pooler_output
         reference = authors_ml_mamba_connector(parts, features)
         torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-4)
 

@@ -93,8 +93,39 @@ def test_cross_scan_needs_a_square_grid():
 @pytest.mark.parametrize("connector", ["mlp", "fused-mlp", "ldp", "msc", "vss-l2"])
 def test_connectors_emit_the_advertised_number_of_tokens(connector):
     model, _ = tiny_model(connector)
-    features = model.get_image_features(torch.randn(3, 3, 32, 32))
+    pixel_values = torch.randn(3, 3, 32, 32)
+    output = model.get_image_features(pixel_values)
+    features = output.pooler_output
     assert features.shape == (3, model.config.num_image_tokens, model.config.text_config.hidden_size)
+    assert output.last_hidden_state.shape[:2] == (3, (32 // 8) ** 2) and output.hidden_states is None
+
+
+def test_get_image_features_follows_the_vision_language_api():
+    """transformers 5.24+'s convention (as LLaVA): an output with `pooler_output` (the projected features),
+    `last_hidden_state`, optional `hidden_states`, and a tuple with `return_dict=False`."""
+    model, _ = tiny_model("msc")
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        output = model.get_image_features(pixel_values, output_hidden_states=True)
+        as_tuple = model.get_image_features(pixel_values, output_hidden_states=True, return_dict=False)
+        earlier_layer = model.get_image_features(pixel_values, vision_feature_layer=-1).last_hidden_state
+    assert len(output.hidden_states) == model.config.vision_config.num_hidden_layers + 1
+    torch.testing.assert_close(output.last_hidden_state,
+                               output.hidden_states[model.config.vision_feature_layer])
+    assert not torch.equal(earlier_layer, output.last_hidden_state)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[1], output.pooler_output)
+
+
+def test_return_dict_false_gives_transformers_tuples():
+    model, processor = tiny_model("mlp")
+    inputs = processor(images=digit_images(1), text=["<image>Which digit?"], return_tensors="pt")
+    with torch.no_grad():
+        output = model(**inputs, labels=inputs["input_ids"])
+        loss, logits = model(**inputs, labels=inputs["input_ids"], return_dict=False)[:2]
+        hidden = model.model(**inputs, return_dict=False)[0]
+        expected_hidden = model.model(**inputs).last_hidden_state
+    assert torch.equal(loss, output.loss) and torch.equal(logits, output.logits)
+    assert torch.equal(hidden, expected_hidden)
 
 
 def test_images_can_sit_anywhere_and_samples_can_hold_several_or_none():

@@ -60,11 +60,8 @@ def load_model_and_processor(args: ModelArguments, trust_remote_code: bool = Fal
         overrides = args.parsed_overrides()
         if args.image_size is not None:
             overrides["image_size"] = args.image_size
-        config = preset_config(args.preset, **overrides)
+        config = preset_config(args.preset, tokenizer=tokenizer, **overrides)
         processor = processor_for(config, tokenizer)
-        config.image_token_id = processor.image_token_id
-        vocab = max(config.text_config.vocab_size, _round_up(len(processor.tokenizer), 8))
-        config.text_config.vocab_size = vocab
         model = MLMambaForConditionalGeneration(config)
         if dtype not in (None, "auto"):
             model = model.to(dtype)
@@ -75,22 +72,11 @@ def load_model_and_processor(args: ModelArguments, trust_remote_code: bool = Fal
                             **args.parsed_overrides())
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-def processor_for(config: MLMambaConfig, tokenizer, image_processor=None, normalizations=None) -> MLMambaProcessor:
-    """An `MLMambaProcessor` for ``config``: square resize to ``config.image_size``, one normalisation per tower."""
-    from transformers import SiglipImageProcessor
-
-    fused = config.vision_config.model_type == "ml_mamba_fused_vision"
-    if image_processor is None:
-        image_processor = SiglipImageProcessor(size={"height": config.image_size, "width": config.image_size})
-    if fused and normalizations is None:
-        normalizations = DINO_SIGLIP_NORMALIZATIONS
-    return MLMambaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                            num_image_tokens=config.num_image_tokens,
-                            image_normalizations=normalizations if fused else None)
+def processor_for(config: MLMambaConfig, tokenizer, image_processor=None, normalizations=None,
+                  check_vocab_size: bool = True) -> MLMambaProcessor:
+    """An `MLMambaProcessor` for ``config`` (`MLMambaProcessor.from_config`)."""
+    return MLMambaProcessor.from_config(config, tokenizer, image_processor=image_processor,
+                                       image_normalizations=normalizations, check_vocab_size=check_vocab_size)
 
 
 def _load_vision_model(name: str, dtype, revision: str, trust_remote_code: bool):
@@ -168,7 +154,8 @@ def build_from_parts(vision_tower: str | list[str], language_model: str, tokeniz
     for flag in ("do_center_crop", "crop_size"):
         if hasattr(image_processor, flag):
             setattr(image_processor, flag, False if flag == "do_center_crop" else None)
-    processor = processor_for(config, tokenizer, image_processor, normalizations if len(towers) == 2 else None)
+    processor = processor_for(config, tokenizer, image_processor, normalizations if len(towers) == 2 else None,
+                              check_vocab_size=False)  # the embeddings are resized below when `<image>` was added
     config.image_token_id = processor.image_token_id
 
     with torch.device("meta"):
