@@ -27,13 +27,11 @@ What differs across the supported releases (5.23 to 5.25; see the README, "Suppo
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 
 import transformers
 from transformers import Mamba2Model
-from transformers.utils import logging
-
-logger = logging.get_logger(__name__)
 
 # --- the cache name (5.24+: `cache`; 5.23: `cache_params`) -------------------------------------------------------
 try:
@@ -55,9 +53,9 @@ def pick_cache(cache=None, cache_params=None, past_key_values=None):
     if any(c is not caches[0] for c in caches[1:]):
         raise ValueError("Pass the cache once: `cache`, `cache_params` and `past_key_values` name the same argument.")
     for name in given:
-        if name != CACHE_NAME:
-            logger.warning_once(f"`{name}` is deprecated with transformers {transformers.__version__}: pass the "
-                                f"recurrent cache as `{CACHE_NAME}`.")
+        if name != CACHE_NAME:  # a FutureWarning, as transformers' own `deprecate_kwarg` gives
+            warnings.warn(f"`{name}` is deprecated with transformers {transformers.__version__}: pass the recurrent "
+                          f"cache as `{CACHE_NAME}`.", FutureWarning, stacklevel=3)
     return caches[0] if caches else None
 
 

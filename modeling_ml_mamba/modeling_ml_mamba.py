@@ -59,6 +59,15 @@ class MLMambaPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True  # lets `attn_implementation="sdpa"` reach the vision tower
     _supports_flash_attn = True
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """False: our `_init_weights` writes through `transformers.initialization`, like the library's own models.
+        transformers guards custom code with a shortcut that skips a module once its direct parameters are
+        initialised; it passes that flag down to the vision tower, where it skipped SigLIP's attention and MLP inits
+        (those modules hold no direct parameters), so `from_pretrained` with missing weights initialised them
+        differently from `__init__`."""
+        return False
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)  # Linear/Conv/LayerNorm/Embedding with config.initializer_range
@@ -90,6 +99,21 @@ class MLMambaModel(MLMambaPreTrainedModel):
         if getattr(config, "use_fast_cpu_path", True):  # Mamba-2 LM: faster PyTorch path on CPU, same weights
             enable_fast_mamba2(self.language_model)
         self.post_init()
+        self.freeze_unused_vision_parameters()
+
+    def unused_vision_parameter_names(self) -> list[str]:
+        """Vision-tower parameters that never reach the features at ``config.vision_feature_layer`` (the layers
+        after it, the final norm, a pooling head, DINOv2's mask token), as `named_parameters` names."""
+        return [f"vision_tower.{name}"
+                for name in self.vision_tower.unused_parameter_names(self.config.vision_feature_layer)]
+
+    def freeze_unused_vision_parameters(self) -> int:
+        """``requires_grad=False`` on `unused_vision_parameter_names` (they would never get a gradient: DDP
+        without ``find_unused_parameters`` refuses such parameters). Returns how many were frozen."""
+        names = self.unused_vision_parameter_names()
+        for name in names:
+            self.get_parameter(name).requires_grad_(False)
+        return len(names)
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
@@ -108,6 +132,8 @@ class MLMambaModel(MLMambaPreTrainedModel):
         tower).
         """
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         features, hidden_states = self.vision_tower(pixel_values, layer)
         connector_dtype = next(self.connector.parameters()).dtype
         output = BaseModelOutputWithPooling(
@@ -171,11 +197,13 @@ class MLMambaModel(MLMambaPreTrainedModel):
             if count:
                 raise ValueError(f"The input holds {count} `<image>` tokens but no `pixel_values` were given.")
 
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         # No **kwargs: transformers' Mamba models pass them on to their mixer kernels.
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
+            output_hidden_states=bool(output_hidden_states),
             attention_mask=attention_mask,
             return_dict=True,
             **{CACHE_NAME: cache},
@@ -183,7 +211,7 @@ class MLMambaModel(MLMambaPreTrainedModel):
         output = MLMambaModelOutput(
             last_hidden_state=outputs.last_hidden_state,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
-            hidden_states=outputs.hidden_states,
+            hidden_states=_select_layers(outputs.hidden_states, output_hidden_states),
             image_hidden_states=image_features,
         )
         return output if _return_dict(return_dict, self.config) else output.to_tuple()
@@ -192,6 +220,15 @@ class MLMambaModel(MLMambaPreTrainedModel):
 def _return_dict(return_dict: bool | None, config) -> bool:
     """transformers' convention: the argument, else ``config.return_dict`` (True unless set otherwise)."""
     return return_dict if return_dict is not None else getattr(config, "return_dict", True)
+
+
+def _select_layers(hidden_states, requested):
+    """transformers' ``output_hidden_states=[indices]`` (5.25): keep the listed layers (negative ones count from the
+    end), ``None`` in the others; ``True`` keeps all."""
+    if hidden_states is None or not isinstance(requested, (list, tuple)):
+        return hidden_states
+    kept = {index % len(hidden_states) for index in requested}
+    return tuple(h if i in kept else None for i, h in enumerate(hidden_states))
 
 
 def _is_decoding(cache: Cache | None) -> bool:

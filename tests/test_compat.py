@@ -54,6 +54,7 @@ def test_compat_names_follow_the_installed_release():
     assert ml_mamba_compat.Mamba2Mixer.__name__ == "Mamba2Mixer"
 
 
+@pytest.mark.filterwarnings("ignore:`(cache_params|past_key_values|cache)` is deprecated:FutureWarning")
 @pytest.mark.parametrize("names", [("cache",), ("cache_params",), ("past_key_values",), ("cache", "cache_params")])
 def test_pick_cache_takes_any_name_once(names):
     cache = object()

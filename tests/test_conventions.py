@@ -4,7 +4,9 @@ test_modeling), the fused vision sub-config in `AutoConfig`, deprecated cache na
 unused head, and one call that builds the processor matching a config."""
 
 import base64
+import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -92,26 +94,24 @@ def test_fused_vision_config_is_an_auto_config(tmp_path):
     assert reloaded.second_tower.hidden_size == vision.second_tower.hidden_size
 
 
-def test_deprecated_cache_names_work_and_warn(saved, monkeypatch):
+def test_deprecated_cache_names_work_and_warn(saved):
     _, model, processor = saved
-    warnings = []
-    monkeypatch.setattr(ml_mamba_compat.logger, "warning_once", warnings.append)
     inputs = processor(images=digit_images(1), text=["<image>Which digit?"], return_tensors="pt")
-    with torch.no_grad():
+    by_name = {}
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         first = model(**inputs, use_cache=True)
-        cache = getattr(first, ml_mamba_compat.CACHE_NAME)
         next_token = first.logits[:, -1:].argmax(-1)
-        by_name = {}
         for name in ("cache", "cache_params", "past_key_values"):
-            copy = model(**inputs, use_cache=True)
+            prefilled = model(**inputs, use_cache=True)
             by_name[name] = model(input_ids=next_token, use_cache=True,
-                                  **{name: getattr(copy, ml_mamba_compat.CACHE_NAME)}).logits
-    assert cache is not None
-    assert torch.equal(by_name["cache"], by_name["cache_params"]) and torch.equal(by_name["cache"],
-                                                                                  by_name["past_key_values"])
+                                  **{name: getattr(prefilled, ml_mamba_compat.CACHE_NAME)}).logits
+    assert torch.equal(by_name["cache"], by_name["cache_params"])
+    assert torch.equal(by_name["cache"], by_name["past_key_values"])
+    messages = {str(w.message) for w in caught if issubclass(w.category, FutureWarning) and "deprecated" in str(w.message)}
     deprecated = {"cache", "cache_params", "past_key_values"} - {ml_mamba_compat.CACHE_NAME}
-    assert {w.split("`")[1] for w in warnings} == deprecated
-    assert all(f"pass the recurrent cache as `{ml_mamba_compat.CACHE_NAME}`" in w for w in warnings)
+    assert {m.split("`")[1] for m in messages} == deprecated
+    assert all(f"pass the recurrent cache as `{ml_mamba_compat.CACHE_NAME}`" in m for m in messages)
 
 
 def test_siglip_towers_drop_the_unused_head_unless_asked():
@@ -148,3 +148,43 @@ def test_processor_for_a_config_in_one_call(tmp_path):
     small.image_token_id = None
     with pytest.raises(ValueError, match=r"tokenizer has \d+ tokens .* vocabulary is 64"):
         MLMambaProcessor.from_config(small, tok)
+
+
+@pytest.mark.parametrize("connector, vision", [("mlp", "siglip"), ("ldp", "clip"), ("msc", "dinov2"),
+                                               ("fused-mlp", "fused")])
+def test_exactly_the_parameters_without_a_gradient_are_frozen(connector, vision):
+    """The vision layers after `vision_feature_layer`, final norms and DINOv2's mask token never reach the loss: they
+    are frozen at construction (DDP without find_unused_parameters refuses gradient-less parameters), and nothing
+    else is."""
+    model, processor = tiny_model(connector, vision=vision)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {f"model.{name}" for name in model.model.unused_vision_parameter_names()} and frozen
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.train()
+    inputs = processor(images=digit_images(2), text=["<image>Which digit?", "<image>Odd?"], padding=True,
+                       return_tensors="pt")
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    without_gradient = {name for name, p in model.named_parameters() if p.grad is None}
+    assert without_gradient == frozen
+
+
+@pytest.mark.parametrize("connector, text, vision", [("mlp", "mamba2", "siglip"), ("msc", "mamba", "fused")])
+def test_missing_weights_are_initialised_as_in_a_fresh_model(monkeypatch, connector, text, vision):
+    """`from_pretrained` with weights missing (built on the meta device, then `_init_weights`) gives the same values
+    as `__init__` under the same seed, the SigLIP attention and MLP layers included (transformers' own check)."""
+    from transformers import PreTrainedModel, set_seed
+
+    original = PreTrainedModel._initialize_weights
+
+    def seeded(*args, **kwargs):
+        set_seed(42)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "_initialize_weights", seeded)
+    config = tiny_config(connector, text, vision)
+    fresh = MLMambaForConditionalGeneration(copy.deepcopy(config)).state_dict()
+    loaded = MLMambaForConditionalGeneration.from_pretrained(None, config=copy.deepcopy(config),
+                                                             state_dict={}).state_dict()
+    assert sorted(fresh) == sorted(loaded)
+    assert [key for key in fresh if not torch.equal(fresh[key], loaded[key])] == []

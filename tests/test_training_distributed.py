@@ -126,3 +126,23 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(setup, tmp_pat
     expected, got = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5)
+
+
+def test_full_stage_with_activation_checkpointing_under_ddp(setup, tmp_path):
+    """`--stage full` with activation checkpointing under DDP (where the Trainer turns find_unused_parameters off):
+    both ranks end identical, the vision tower trained, and its parameters that never reach the features (the layers
+    after `vision_feature_layer`, the final norm; frozen by `apply_stage`) are untouched."""
+    out = tmp_path / "full"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config("ddp"),
+               "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(setup / "launched.py"), *common_args(setup, out, batch_size=2, steps=3), "--save_strategy", "no",
+               "--stage", "full", "--activation_checkpointing", "true"]
+    launched = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-4000:]
+    rank0, rank1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    base = load_file(setup / "base" / "model.safetensors")
+    changed = {k for k in base if not torch.equal(rank0[k], base[k])}
+    assert any(k.startswith("model.vision_tower.") for k in changed)
+    assert not any(".encoder.layers.1." in k or "post_layernorm" in k for k in changed)  # frozen: never used
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key

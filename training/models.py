@@ -202,6 +202,7 @@ def apply_stage(model: MLMambaForConditionalGeneration, stage: str) -> dict[str,
     for part in trained:
         getattr(model.model, part).requires_grad_(True)
     model.lm_head.requires_grad_("language_model" in trained)  # tied heads share the embedding's flag anyway
+    model.model.freeze_unused_vision_parameters()  # never reach the features: no gradient (DDP would refuse them)
     counts = {}
     for part in ("vision_tower", "connector", "language_model"):
         params = list(getattr(model.model, part).parameters())
