@@ -10,6 +10,9 @@ VISION_MODEL_TYPES = ("siglip_vision_model", "dinov2", "dinov2_with_registers", 
 TEXT_MODEL_TYPES = ("mamba2", "mamba")
 CONNECTOR_TYPES = ("mlp", "fused-mlp", "ldp", "msc", "vss-l2")
 CONNECTOR_SCANS = ("bidirectional", "cross")
+# How `generate` advances a cached one-token step (`ml_mamba_decode`): the static step eager or compiled, or
+# transformers' own modules.
+DECODE_IMPLEMENTATIONS = ("static", "compiled", "eager")
 # Written into every saved config.json so the folder loads through each Auto class with `trust_remote_code=True`.
 AUTO_MAP = {
     "AutoConfig": "configuration_ml_mamba.MLMambaConfig",
@@ -121,6 +124,9 @@ class MLMambaConfig(PreTrainedConfig):
         image_size (`int`, *optional*): input resolution; defaults to the vision config's `image_size`.
         image_token_id (`int`, *optional*): id of the `<image>` placeholder token (see `MLMambaProcessor`).
         initializer_range (`float`, defaults to 0.02): std of the connector's and LM head's initial weights.
+        decode_implementation (`str`, defaults to `"static"`): how `generate` advances one token: `"static"` (one
+            function over the LM's weights and the cache's state tensors, updated in place), `"compiled"` (the same,
+            `torch.compile`d; a CUDA graph on GPU) or `"eager"` (transformers' own modules).
 
     Example:
 
@@ -162,6 +168,7 @@ class MLMambaConfig(PreTrainedConfig):
     image_token_id: int | None = None
     initializer_range: float = 0.02
     tie_word_embeddings: bool | None = None
+    decode_implementation: str = "static"
 
     def __post_init__(self, **kwargs):
         if isinstance(self.vision_config, (list, tuple)):
@@ -180,6 +187,9 @@ class MLMambaConfig(PreTrainedConfig):
 
         if self.connector_type not in CONNECTOR_TYPES:
             raise ValueError(f"Unknown connector_type {self.connector_type!r}: expected one of {CONNECTOR_TYPES}.")
+        if self.decode_implementation not in DECODE_IMPLEMENTATIONS:
+            raise ValueError(f"Unknown decode_implementation {self.decode_implementation!r}: expected one of "
+                             f"{DECODE_IMPLEMENTATIONS}.")
         if self.connector_scan not in CONNECTOR_SCANS:
             raise ValueError(f"Unknown connector_scan {self.connector_scan!r}: expected one of {CONNECTOR_SCANS}.")
         if self.image_size is None:

@@ -19,6 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutpu
 from .configuration_ml_mamba import MLMambaConfig
 from .ml_mamba_compat import CACHE_NAME, output_with_cache, pick_cache
 from .ml_mamba_connectors import build_connector
+from .ml_mamba_decode import StaticDecoder, can_decode_statically
 from .ml_mamba_fast_mamba2 import enable_fast_mamba2
 from .ml_mamba_norm import GatedRMSNorm
 from .ml_mamba_scan import ScanDirection
@@ -199,6 +200,10 @@ class MLMambaModel(MLMambaPreTrainedModel):
 
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
+        if attention_mask is not None and _is_decoding(cache) and attention_mask.shape[1] > inputs_embeds.shape[1]:
+            # `generate` passes the mask of the whole sequence; the recurrent state already holds the past, and the
+            # LM masks the new tokens only (transformers' Mamba-1 would broadcast a longer mask over them).
+            attention_mask = attention_mask[:, -inputs_embeds.shape[1]:]
         # No **kwargs: transformers' Mamba models pass them on to their mixer kernels.
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -297,12 +302,17 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
             -100 and `<image>` positions are ignored.
         logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `n` positions (0 = all).
         """
+        cache = pick_cache(cache, cache_params, past_key_values)
+        if self._decodes_statically(input_ids, inputs_embeds, pixel_values, cache, labels, output_hidden_states):
+            logits = self._static_decoder()(input_ids, cache)[:, None]
+            output = MLMambaCausalLMOutput(logits=logits, **{CACHE_NAME: cache})
+            return output if _return_dict(return_dict, self.config) else output.to_tuple()
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
-            cache=pick_cache(cache, cache_params, past_key_values),
+            cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
@@ -325,6 +335,29 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
             image_hidden_states=outputs.image_hidden_states,
         )
         return output if _return_dict(return_dict, self.config) else output.to_tuple()
+
+
+    def _decodes_statically(self, input_ids, inputs_embeds, pixel_values, cache, labels, output_hidden_states) -> bool:
+        """A cached one-token step of `generate` (no gradients, hidden states, labels or images) takes the static
+        decode step unless ``config.decode_implementation == "eager"``."""
+        implementation = getattr(self.config, "decode_implementation", "static")
+        if implementation == "eager" or torch.is_grad_enabled() or input_ids is None or input_ids.shape[1] != 1:
+            return False
+        if inputs_embeds is not None or pixel_values is not None or labels is not None:
+            return False
+        if output_hidden_states or (output_hidden_states is None and self.config.output_hidden_states):
+            return False
+        return can_decode_statically(self.model.language_model, cache)
+
+    def _static_decoder(self) -> StaticDecoder:
+        """The decoder for ``config.decode_implementation`` (built once, rebuilt when the setting changes)."""
+        compiled = getattr(self.config, "decode_implementation", "static") == "compiled"
+        decoder = self.__dict__.get("_decoder")
+        if decoder is None or decoder.compiled != compiled:
+            decoder = StaticDecoder(self.model.language_model, self.lm_head, self.config.text_config.model_type,
+                                    compiled=compiled)
+            self.__dict__["_decoder"] = decoder  # not a submodule: it only refers to ours
+        return decoder
 
 
 __all__ = ["MLMambaPreTrainedModel", "MLMambaModel", "MLMambaForConditionalGeneration"]

@@ -1,6 +1,7 @@
 """Generation through GenerationMixin: cached decode = full forward, batched left padding = one by one, beam search,
 sampling, streaming, and pixel values used at prefill only. Budget: ~40 s."""
 
+import functools
 import threading
 
 import pytest
@@ -106,13 +107,14 @@ def test_pixel_values_reach_the_model_only_at_prefill():
     model, processor = tiny_model("msc", "mamba2", seed=6)
     inputs = _inputs(processor, digit_images(1), ["Which digit is shown?"])
     seen = []
-    original = model.model.forward
+    original = model.forward
 
+    @functools.wraps(original)  # generate checks its kwargs against forward's signature
     def spy(*args, **kwargs):
         seen.append((kwargs.get("pixel_values") is not None, kwargs["input_ids"].shape[1]))
         return original(*args, **kwargs)
 
-    model.model.forward = spy
+    model.forward = spy
     model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert seen[0] == (True, inputs["input_ids"].shape[1])
     assert all(step == (False, 1) for step in seen[1:]) and len(seen) == 4

@@ -1,0 +1,143 @@
+"""The static-state decode step: one token through a Mamba-2 or Mamba-1 language model, in one function.
+
+`generate` calls the model once per new token. transformers' Mamba models spend that call in generic machinery
+(a module tree, output capturing, mask building, cache look-ups per layer); this step is the same arithmetic as a
+straight line of tensor operations over the language model's weights and the cache's own conv and SSM state tensors,
+which it updates in place. Those tensors are allocated once at prefill (transformers' linear-attention cache layers
+keep static addresses), so a decode step allocates nothing state-sized and has static shapes: it compiles with
+``torch.compile(fullgraph=True)`` (Inductor on CPU; on CUDA with ``mode="reduce-overhead"``, i.e. captured as a CUDA
+graph and replayed per token).
+
+`MLMambaForConditionalGeneration.forward` takes this path for a cached one-token step without gradients, hidden
+states or labels (what `generate` asks for), as ``config.decode_implementation`` says: ``"static"`` (default, eager),
+``"compiled"``, or ``"eager"`` (transformers' own modules). The SSM state stays in float32 whatever the weights'
+dtype. The reference it is tested against is the eager path (`tests/test_decode.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ml_mamba_compat import advance_cache_count
+
+LOG_DECAY_FLOOR = -80.0  # as ssd_step: exp() of anything below is 0 in float32
+
+
+def _rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """transformers' Mamba RMSNorm (computed in float32, returned in the input's dtype, times the weight)."""
+    hidden = hidden.to(norm.weight.dtype)
+    dtype = hidden.dtype
+    hidden = hidden.float()
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * hidden.to(dtype)
+
+
+def _conv_step(conv1d: nn.Conv1d, conv_state: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Shift ``new`` (b, channels) into the window ``conv_state`` (b, channels, k) in place; returns the causal conv
+    output (b, channels) in float32 (accumulated in float32 for low-precision weights), before the activation."""
+    window = torch.cat([conv_state[:, :, 1:], new.to(conv_state.dtype)[:, :, None]], dim=-1)
+    conv_state.copy_(window)
+    out = (window.float() * conv1d.weight[:, 0].float()).sum(-1)
+    return out + conv1d.bias.float() if conv1d.bias is not None else out
+
+
+def _mamba2_mixer(mixer: nn.Module, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
+    batch = x.shape[0]
+    dtype = x.dtype
+    heads, head_dim, groups, state_size = mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size
+    gate, xbc, dt = mixer.in_proj(x).split([mixer.intermediate_size, mixer.conv_dim, heads], dim=-1)
+    xbc = F.silu(_conv_step(mixer.conv1d, conv_state, xbc)).to(dtype)
+    x, B, C = xbc.split([mixer.intermediate_size, groups * state_size, groups * state_size], dim=-1)
+
+    dt = F.softplus(dt.float() + mixer.dt_bias.float())
+    low, high = mixer.time_step_limit
+    if low > 0.0 or high != float("inf"):
+        dt = dt.clamp(min=low, max=high)
+    A = -torch.exp(mixer.A_log.float())
+    r = heads // groups
+    decay = (dt * A).clamp(min=LOG_DECAY_FLOOR).exp().view(batch, groups, r, 1, 1)
+    x_dt = (x.float().view(batch, heads, head_dim) * dt[..., None]).view(batch, groups, r, head_dim, 1)
+    state = ssm_state.view(batch, groups, r, head_dim, state_size)
+    state.mul_(decay).addcmul_(x_dt, B.float().view(batch, groups, 1, 1, state_size))
+    y = torch.bmm(state.view(batch * groups, r * head_dim, state_size), C.float().view(batch * groups, state_size, 1))
+    y = y.view(batch, heads, head_dim) + mixer.D.float()[:, None] * x.float().view(batch, heads, head_dim)
+    y = y.view(batch, mixer.intermediate_size).to(dtype)
+
+    norm = mixer.norm  # gated RMSNorm per group, as transformers' Mamba2 (norm_before_gate=False)
+    gated = (y.float() * F.silu(gate.float())).view(batch, -1, norm.group_size)
+    gated = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    y = norm.weight * gated.view(batch, mixer.intermediate_size).to(dtype)
+    return mixer.out_proj(y.to(dtype))
+
+
+def _mamba1_mixer(mixer: nn.Module, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
+    dtype = x.dtype
+    hidden, gate = mixer.in_proj(x).chunk(2, dim=-1)
+    hidden = F.silu(_conv_step(mixer.conv1d, conv_state, hidden)).to(dtype)
+    rank, state_size = mixer.time_step_rank, mixer.ssm_state_size
+    time_step, B, C = mixer.x_proj(hidden).split([rank, state_size, state_size], dim=-1)
+    dt = F.linear(time_step, mixer.dt_proj.weight).float()
+    dt = F.softplus(dt + mixer.dt_proj.bias.float()) if mixer.dt_proj.bias is not None else F.softplus(dt)
+    A = -torch.exp(mixer.A_log.float())  # (intermediate, state)
+    ssm_state.mul_(torch.exp(dt[..., None] * A)).addcmul_((dt * hidden.float())[..., None], B.float()[:, None, :])
+    y = torch.bmm(ssm_state, C.float()[..., None]).squeeze(-1) + hidden.float() * mixer.D.float()
+    y = (y * F.silu(gate.float())).to(dtype)
+    return mixer.out_proj(y)
+
+
+def decode_step(language_model: nn.Module, lm_head: nn.Module, input_ids: torch.Tensor, conv_states: list,
+                ssm_states: list, kind: str) -> torch.Tensor:
+    """Logits (b, vocab) in float32 for ``input_ids`` (b, 1), the states (one per layer) advanced in place."""
+    mixer_step = _mamba2_mixer if kind == "mamba2" else _mamba1_mixer
+    hidden = language_model.embeddings(input_ids[:, 0])
+    for block, conv_state, ssm_state in zip(language_model.layers, conv_states, ssm_states):
+        residual = hidden.float() if block.residual_in_fp32 else hidden
+        hidden = residual + mixer_step(block.mixer, _rms_norm(block.norm, hidden), conv_state, ssm_state)
+    hidden = _rms_norm(language_model.norm_f, hidden)
+    return lm_head(hidden.to(lm_head.weight.dtype)).float()
+
+
+class StaticDecoder:
+    """Runs `decode_step` on a model's language model and head, eager or compiled (one compiled graph per batch
+    size and dtype; ``dynamic=False`` keeps shapes static, as CUDA graphs need)."""
+
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module, kind: str, compiled: bool = False):
+        if kind not in ("mamba2", "mamba"):
+            raise ValueError(f"The static decode step supports mamba2 and mamba language models, got {kind!r}.")
+        self.language_model, self.lm_head, self.kind, self.compiled = language_model, lm_head, kind, compiled
+        self.step = decode_step
+        if compiled:
+            device = next(language_model.parameters()).device
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            self.step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+
+    def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        layers = range(len(self.language_model.layers))
+        conv_states = [cache.get_conv_state(i) for i in layers]
+        ssm_states = [cache.get_recurrent_state(i) for i in layers]
+        logits = self.step(self.language_model, self.lm_head, input_ids, conv_states, ssm_states, self.kind)
+        for i in layers:
+            advance_cache_count(cache, i)
+        return logits
+
+
+def can_decode_statically(language_model: nn.Module, cache) -> bool:
+    """A SiLU Mamba LM whose cache holds a float32 SSM state and a conv window for every layer and does not record
+    its past (speculative decoding)."""
+    if cache is None or not cache.has_previous_state(0):
+        return False
+    if any(block.mixer.activation not in ("silu", "swish") for block in language_model.layers):
+        return False
+    num_layers = len(language_model.layers)
+    for i in range(num_layers):
+        state = cache.get_recurrent_state(i)
+        if state is None or state.dtype != torch.float32 or cache.get_conv_state(i) is None:
+            return False
+        if cache.is_recording_past(i):
+            return False
+    return True
+
+
+__all__ = ["StaticDecoder", "can_decode_statically", "decode_step"]

@@ -1,0 +1,143 @@
+"""The static-state decode step (`ml_mamba_decode`) against transformers' eager path: per-step logits, generated
+tokens (greedy, sampling, beam search, left-padded batches, streaming) and the compiled step, for Mamba-2 and
+Mamba-1 language models."""
+
+import threading
+
+import pytest
+import torch
+from transformers import TextIteratorStreamer
+from utils import digit_images, tiny_model
+
+from modeling_ml_mamba.ml_mamba_compat import CACHE_NAME
+
+
+def _pair(text, seed=0):
+    model, processor = tiny_model("mlp", text=text, seed=seed)
+    return model, processor
+
+
+def _batch(processor, count=3):
+    questions = ["Which digit?", "Is the digit odd or even? Tell me.", "Odd?"][:count]
+    return processor(images=digit_images(count), text=[f"<image>{q}" for q in questions], padding=True,
+                     return_tensors="pt")
+
+
+@pytest.mark.parametrize("text", ["mamba2", "mamba"])
+def test_static_steps_equal_the_eager_path(text):
+    model, processor = _pair(text)
+    inputs = _batch(processor)
+    results = {}
+    for implementation in ("eager", "static"):
+        model.config.decode_implementation = implementation
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+            cache, token = getattr(out, CACHE_NAME), out.logits[:, -1:].argmax(-1)
+            logits = []
+            for _ in range(6):
+                step = model(input_ids=token, use_cache=True, **{CACHE_NAME: cache})
+                logits.append(step.logits)
+                token = step.logits[:, -1:].argmax(-1)
+        results[implementation] = torch.cat(logits, 1), cache
+    torch.testing.assert_close(results["static"][0], results["eager"][0], atol=2e-5, rtol=1e-4)
+    for i in range(model.config.text_config.num_hidden_layers):  # the same states afterwards
+        torch.testing.assert_close(results["static"][1].get_recurrent_state(i),
+                                   results["eager"][1].get_recurrent_state(i), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(results["static"][1].get_conv_state(i), results["eager"][1].get_conv_state(i))
+
+
+@pytest.mark.parametrize("text", ["mamba2", "mamba"])
+def test_generate_gives_the_same_tokens(text):
+    model, processor = _pair(text, seed=1)
+    inputs = _batch(processor)
+    runs = {
+        "greedy": dict(do_sample=False),
+        "sampling": dict(do_sample=True, top_k=20, temperature=0.9),
+        "beams": dict(do_sample=False, num_beams=3, num_return_sequences=2),
+    }
+    for name, kwargs in runs.items():
+        tokens = {}
+        for implementation in ("eager", "static"):
+            model.config.decode_implementation = implementation
+            torch.manual_seed(0)
+            tokens[implementation] = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, **kwargs)
+        assert torch.equal(tokens["static"], tokens["eager"]), name
+    # left padding: each row equals the row generated alone
+    model.config.decode_implementation = "static"
+    batched = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    for row in range(3):
+        alone = processor(images=digit_images(3)[row:row + 1],
+                          text=[["<image>Which digit?", "<image>Is the digit odd or even? Tell me.",
+                                 "<image>Odd?"][row]], return_tensors="pt")
+        single = model.generate(**alone, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        assert torch.equal(batched[row, -8:], single[0, -8:])
+
+
+def test_streaming_through_the_static_step():
+    model, processor = _pair("mamba2")
+    inputs = _batch(processor, count=1)
+    expected = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True)
+    thread = threading.Thread(target=model.generate, kwargs=dict(**inputs, max_new_tokens=6, min_new_tokens=6,
+                                                                 do_sample=False, streamer=streamer))
+    thread.start()
+    text = "".join(streamer)
+    thread.join()
+    assert text == processor.decode(expected[0, inputs["input_ids"].shape[1]:])
+
+
+def test_large_batches_and_the_cache_count():
+    model, processor = _pair("mamba2")
+    inputs = processor(images=digit_images(32) * 2, text=["<image>Which digit?"] * 64, return_tensors="pt")
+    tokens = {}
+    for implementation in ("eager", "static"):
+        model.config.decode_implementation = implementation
+        tokens[implementation] = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert torch.equal(tokens["static"], tokens["eager"])
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        cache = getattr(out, CACHE_NAME)
+        model(input_ids=out.logits[:, -1:].argmax(-1), use_cache=True, **{CACHE_NAME: cache})
+    if hasattr(cache, "increase_count"):  # transformers 5.25+ counts the tokens a cache has seen
+        assert int(cache.get_seq_length()) == inputs["input_ids"].shape[1] + 1
+
+
+def test_compiled_step_equals_the_eager_path():
+    model, processor = _pair("mamba2", seed=2)
+    inputs = _batch(processor, count=2)
+    model.config.decode_implementation = "eager"
+    expected = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True)
+    model.config.decode_implementation = "compiled"
+    got = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.logits, expected.logits):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_unknown_decode_implementation_is_refused():
+    from utils import tiny_config
+
+    with pytest.raises(ValueError, match="Unknown decode_implementation 'fast'"):
+        tiny_config("mlp", decode_implementation="fast")
+
+
+@pytest.mark.parametrize("text", ["mamba2", "mamba"])
+def test_a_cached_step_ignores_the_mask_of_the_past(text):
+    """`generate` passes the attention mask of the whole sequence at every step: the eager path must read only the
+    new token's column (transformers' Mamba-1 would broadcast the longer mask over the new token)."""
+    import copy
+
+    model, processor = _pair(text)
+    model.config.decode_implementation = "eager"
+    inputs = _batch(processor)
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        cache, token = getattr(out, CACHE_NAME), out.logits[:, -1:].argmax(-1)
+        copied = copy.deepcopy(cache)
+        plain = model(input_ids=token, use_cache=True, **{CACHE_NAME: cache}).logits
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], 1)
+        masked = model(input_ids=token, attention_mask=mask, use_cache=True, **{CACHE_NAME: copied}).logits
+    assert masked.shape == plain.shape == (3, 1, model.config.text_config.vocab_size)
+    torch.testing.assert_close(masked, plain)
