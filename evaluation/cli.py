@@ -44,6 +44,8 @@ class EvalArguments:
     prompt_template: str | None = field(default=None, metadata={
         "help": "Use this format string instead of the processor's chat template, with {image} and {prompt}."})
     dtype: str | None = field(default=None, metadata={"help": "auto, float32, bfloat16 or float16."})
+    quantize: str | None = field(default=None, metadata={"help": "'int8': int8 weight-only language model and head "
+                                                                 "(ML-Mamba models, CPU kernel)."})
     device: str | None = field(default=None, metadata={"help": "Default: this process's device (accelerate)."})
     trust_remote_code: bool | None = field(default=None, metadata={"help": "Run the model's Hub code (ML-Mamba "
                                                                            "checkpoints work without it when this "
@@ -82,7 +84,7 @@ def run(argv: list[str] | None = None) -> dict | None:
         data[name] = source
     for name in tasks + list(data):
         get_task(name)  # unknown names fail here, before the model is loaded
-    model, processor = load_model(args.model, dtype=args.dtype, device=args.device,
+    model, processor = load_model(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
                                   trust_remote_code=args.trust_remote_code)
     results = evaluate_model(
         model, processor, tasks, args.output_dir, data=data, split=args.split, limit=args.limit,

@@ -22,11 +22,12 @@ logger = logging.getLogger(__name__)
 
 
 def load_model(model_id: str, *, dtype: str | None = None, device: str | None = None,
-               trust_remote_code: bool | None = None):
+               trust_remote_code: bool | None = None, quantize: str | None = None):
     """(model, processor) of any `image-text-to-text` model, through `AutoModelForImageTextToText`/`AutoProcessor`.
 
     ML-Mamba checkpoints load with the installed package's classes, or with their Hub code when
     `trust_remote_code=True`. The model is put on `device` (default: this process's accelerator, see `accelerate`).
+    ``quantize="int8"`` makes an ML-Mamba model's language model and head int8 weight-only (`quantize_int8`).
     """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -41,6 +42,14 @@ def load_model(model_id: str, *, dtype: str | None = None, device: str | None = 
     model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=trust_remote_code, **kwargs)
     processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
     model.to(device or process_state().device).eval()
+    if quantize is not None:
+        if quantize != "int8":
+            raise ValueError(f"quantize must be 'int8' or None, got {quantize!r}.")
+        from modeling_ml_mamba.ml_mamba_quant import quantize_int8
+
+        if not hasattr(getattr(model, "model", None), "language_model"):
+            raise ValueError(f"quantize='int8' is for ML-Mamba models; {type(model).__name__} is not one.")
+        quantize_int8(model)
     return model, processor
 
 

@@ -19,7 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutpu
 from .configuration_ml_mamba import MLMambaConfig
 from .ml_mamba_compat import CACHE_NAME, output_with_cache, pick_cache
 from .ml_mamba_connectors import build_connector
-from .ml_mamba_decode import StaticDecoder, can_decode_statically
+from .ml_mamba_decode import StaticDecoder, can_decode_statically, input_dtype, use_gemv_layout
 from .ml_mamba_fast_mamba2 import enable_fast_mamba2
 from .ml_mamba_norm import GatedRMSNorm
 from .ml_mamba_scan import ScanDirection
@@ -58,7 +58,20 @@ class MLMambaPreTrainedModel(PreTrainedModel):
     _is_stateful = True  # a recurrent cache cannot be rolled back: no assisted decoding
     _skip_keys_device_placement = ["cache", "cache_params", "past_key_values"]
     _supports_sdpa = True  # lets `attn_implementation="sdpa"` reach the vision tower
+    # Loaded in bfloat16/float16, the SSM parameters and the gated norms stay float32 (low precision there makes Mamba
+    # models drift); the block RMSNorms compute in float32 from their low-precision weights, as transformers does.
+    _keep_in_fp32_modules_strict = ["A_log", "dt_bias", "mixer.D", "directions.*.D", "mixer.norm"]
     _supports_flash_attn = True
+
+    def save_pretrained(self, *args, **kwargs):
+        """transformers' `save_pretrained`, with weights in PyTorch's default layout (the static decode step stores
+        them transposed on CPU, `use_gemv_layout`; saving restores the default layout, then the decode layout)."""
+        restored = use_gemv_layout(self, enabled=False)
+        try:
+            return super().save_pretrained(*args, **kwargs)
+        finally:
+            for linear in restored:
+                linear.weight.data = linear.weight.data.t().contiguous().t()
 
     @classmethod
     def is_custom_code(cls) -> bool:
@@ -319,7 +332,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep].to(self.lm_head.weight.dtype)).float()
+        logits = self.lm_head(hidden_states[:, keep].to(input_dtype(self.lm_head))).float()
 
         loss = None
         if labels is not None:

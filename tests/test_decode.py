@@ -141,3 +141,23 @@ def test_a_cached_step_ignores_the_mask_of_the_past(text):
         masked = model(input_ids=token, attention_mask=mask, use_cache=True, **{CACHE_NAME: copied}).logits
     assert masked.shape == plain.shape == (3, 1, model.config.text_config.vocab_size)
     torch.testing.assert_close(masked, plain)
+
+
+def test_decode_layout_keeps_values_ties_and_saving(tmp_path):
+    """The static step stores the LM's float32 weights transposed on CPU (a faster GEMV); values, weight tying,
+    `save_pretrained` and reloading are unchanged, and only the LM's weights change layout."""
+    from transformers import AutoModelForImageTextToText
+
+    model, processor = _pair("mamba2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = _batch(processor, count=1)
+    model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert not model.lm_head.weight.is_contiguous() and model.lm_head.weight.t().is_contiguous()
+    assert model.lm_head.weight is model.model.language_model.get_input_embeddings().weight
+    connector_weights = [p for n, p in model.model.connector.named_parameters() if p.dim() == 2]
+    assert all(p.is_contiguous() for p in connector_weights)
+    model.save_pretrained(tmp_path)
+    assert not model.lm_head.weight.is_contiguous()  # the decode layout again after saving
+    assert all(p.is_contiguous() for p in connector_weights)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path).state_dict()
+    assert all(torch.equal(before[k], reloaded[k]) for k in before)

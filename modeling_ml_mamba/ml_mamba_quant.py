@@ -1,0 +1,86 @@
+"""Int8 weight-only linear layers for inference, on torch's own CPU kernel.
+
+`quantize_int8(model)` replaces the language model's and the LM head's `nn.Linear` layers with `Int8Linear`:
+symmetric per-output-channel int8 weights with one scale per row, multiplied by ``torch.ops.aten._weight_int8pack_mm``
+(the CPU kernel torchao's int8 weight-only mode also ends in) with bfloat16 activations, 4.2x faster per weight byte
+than float32 `F.linear` at batch 1 here (`benchmarks/RESULTS.md`). Everything else keeps its dtype: the embeddings,
+the norms, `A_log`, `D`, `dt_bias`, the conv and the recurrent state stay in float32 (low-precision state is a known
+source of drift in Mamba models). Off CPU, or where the kernel is missing, the layer dequantizes and runs a plain
+matmul (the reference it is tested against).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _int8pack_mm():
+    return getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+
+
+class Int8Linear(nn.Module):
+    """``y = x @ (scale * W_int8)^T + bias``, weights int8 per output channel (symmetric, round to nearest)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        # The kernel takes bfloat16 scales: quantize with the stored (rounded up, so |w| / scale <= 127) scale itself.
+        scale = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0 * (1 + 2**-7)).to(torch.bfloat16)
+        self.register_buffer("weight_int8", torch.round(weight / scale.float()[:, None]).clamp(-127, 127)
+                             .to(torch.int8).contiguous())
+        self.register_buffer("scale", scale)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype inputs may come in (any float dtype works; the kernel runs in bfloat16)."""
+        return torch.float32
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (float32), for code that reads ``.weight`` (e.g. its dtype or shape)."""
+        return self.weight_int8.float() * self.scale.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = _int8pack_mm()
+        shape = x.shape
+        flat = x.reshape(-1, self.in_features)
+        if kernel is not None and x.device.type == "cpu":
+            y = kernel(flat.to(torch.bfloat16), self.weight_int8, self.scale).to(x.dtype)
+        else:
+            y = F.linear(flat, self.weight.to(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
+
+
+def quantize_int8(model: nn.Module) -> int:
+    """Replace the `nn.Linear` layers of an ML-Mamba model's language model (Mamba-1's small ``dt_proj`` excepted) and
+    its LM head with `Int8Linear`, in place, for inference (such a model is not meant to be saved). The vision tower
+    and connector keep their weights; a tied LM head gets its own int8 copy and the embedding keeps its float
+    weights. Returns how many layers were replaced."""
+    base = getattr(model, "model", model)
+    targets = [(name, module) for name, module in base.language_model.named_modules()
+               if isinstance(module, nn.Linear) and not name.endswith("dt_proj")]  # Mamba-1's dt feeds exp(): kept
+    for name, module in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(base.language_model.get_submodule(parent) if parent else base.language_model, child,
+                Int8Linear(module))
+    replaced = len(targets)
+    if isinstance(getattr(model, "lm_head", None), nn.Linear):
+        model.lm_head = Int8Linear(model.lm_head)
+        replaced += 1
+        if hasattr(model.config, "tie_word_embeddings"):
+            model.config.tie_word_embeddings = False  # the int8 head is no longer the embedding
+    decoder = model.__dict__.pop("_decoder", None)  # the static decoder refers to the old head
+    del decoder
+    return replaced
+
+
+__all__ = ["Int8Linear", "quantize_int8"]
