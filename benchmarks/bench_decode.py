@@ -7,8 +7,9 @@ One process, arms measured in turn (medians over ``--steps`` tokens after warm-u
 
 * **bandwidth**: a 512 MB float32 tensor copied (bytes copied / s, the figure PERF-NOTES uses) and summed (read only);
 * **ML-Mamba** (the benchmark's 129M Mamba-2 LM of `vlm_pair.py`): decode ms/token after a ``--contexts`` prefill,
-  per precision (float32, bfloat16 via ``from_pretrained(dtype=...)``'s rules, int8 weight-only via
-  `quantize_int8`) and decode implementation (``eager`` = transformers' modules, ``static``, ``compiled``);
+  per precision (float32; float32 with `split_gemv`; bfloat16 via ``from_pretrained(dtype=...)``'s rules; int8
+  weight-only via `quantize_int8`) and decode implementation (``eager`` = transformers' modules, ``static``,
+  ``compiled``);
 * **roofline**: for every row, the weight bytes a token reads (every LM weight once; the embedding row is negligible)
   and the recurrent state or KV cache bytes, divided by the copy bandwidth; our share = roofline / measured;
 * **LLaVA** (the matched 129M Llama of `vlm_pair.py`): the same decode at the same contexts, float32 and bfloat16,
@@ -42,7 +43,7 @@ sys.path.insert(0, HERE)
 import vlm_pair  # noqa: E402
 
 from modeling_ml_mamba.ml_mamba_compat import CACHE_NAME  # noqa: E402
-from modeling_ml_mamba.ml_mamba_quant import quantize_int8  # noqa: E402
+from modeling_ml_mamba.ml_mamba_quant import quantize_int8, split_gemv  # noqa: E402
 
 
 def _median(values):
@@ -74,8 +75,8 @@ def lm_bytes(model) -> int:
     tensors.update({id(t): t for t in list(head.parameters()) + list(head.buffers())})
     embedding = lm.get_input_embeddings().weight
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    if id(embedding) in tensors and head.__class__.__name__ == "Int8Linear":
-        total -= embedding.numel() * embedding.element_size()  # the head reads its int8 copy; one embedding row
+    if id(embedding) in tensors and head.__class__.__name__ in ("Int8Linear", "SplitGemvLinear"):
+        total -= embedding.numel() * embedding.element_size()  # the head reads its own copy; one embedding row
     return total
 
 
@@ -86,6 +87,10 @@ def cache_bytes(cache) -> int:
 def ml_mamba_variant(base, precision: str):
     if precision == "float32":
         return base
+    if precision == "float32-split":
+        model = copy.deepcopy(base)
+        split_gemv(model)
+        return model
     if precision == "bfloat16":
         with tempfile.TemporaryDirectory() as folder:
             base.save_pretrained(folder)
@@ -245,7 +250,7 @@ def main(argv=None):
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 16384])
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--precisions", nargs="+", default=["float32", "bfloat16", "int8"])
+    parser.add_argument("--precisions", nargs="+", default=["float32", "float32-split", "bfloat16", "int8"])
     parser.add_argument("--implementations", nargs="+", default=["eager", "static", "compiled"])
     parser.add_argument("--no-llava", action="store_true")
     parser.add_argument("--no-llama-cpp", action="store_true")
@@ -265,7 +270,8 @@ def main(argv=None):
         for implementation in args.implementations:
             for context in args.contexts:
                 seconds, cache = time_ml_mamba(model, implementation, context, args.steps)
-                rows.append({"arm": "ML-Mamba", "precision": precision if precision != "int8" else "int8 weight-only",
+                label = {"int8": "int8 weight-only", "float32-split": "float32, split GEMV"}.get(precision, precision)
+                rows.append({"arm": "ML-Mamba", "precision": label,
                              "implementation": implementation, "context": context, "ms_per_token": 1e3 * seconds,
                              "weight_bytes": lm_bytes(model), "cache_bytes": cache_bytes(cache)})
                 print(rows[-1], flush=True)

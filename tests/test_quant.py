@@ -71,3 +71,22 @@ def test_quantized_demo_answers_as_the_float32_model(trained_demo, tmp_path):
         same = sum(answers[name][q] == answers["float32"][q] for q in answers["float32"]) / len(answers["float32"])
         assert same >= 0.99, (name, same)
         assert accuracy["float32"] - accuracy[name] <= 0.005, accuracy  # at most 0.5 points
+
+
+@pytest.mark.parametrize("text", ["mamba2", "mamba"])
+def test_split_gemv_layers_give_the_same_model(text):
+    from modeling_ml_mamba.ml_mamba_quant import split_gemv
+
+    model, processor = tiny_model("mlp", text=text, seed=4)
+    inputs = processor(images=digit_images(3), text=["<image>Which digit?", "<image>Odd?", "<image>Even? Say."],
+                       padding=True, return_tensors="pt")
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    expected = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert split_gemv(model, parts=2) == (4 if text == "mamba2" else 6) + 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, reference, atol=2e-5, rtol=1e-4)
+    for implementation in ("static", "eager"):
+        model.config.decode_implementation = implementation
+        got = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        assert torch.equal(got, expected), implementation
