@@ -50,3 +50,25 @@ def test_vlm_benchmark_runs_side_by_side(tmp_path):
 def test_kernel_benchmark_reports_equal_outputs():
     rows = bench_kernels.bench_ssd([128], repeats=1) + bench_kernels.bench_decode([2], steps=2)
     assert all(row["max_abs_diff"] < 1e-4 and row["ours_ms"] > 0 for row in rows)
+
+
+def test_decode_benchmark_reports_rooflines_side_by_side(tmp_path):
+    """`bench_decode.py` at the tiny size: every precision and decode implementation, LLaVA beside it, the copy and
+    read bandwidths, and a roofline share per row (llama.cpp is optional and left out here)."""
+    import bench_decode
+
+    out = tmp_path / "decode"
+    bench_decode.main(["--size", "tiny", "--contexts", "32", "--steps", "2", "--implementations", "eager", "static",
+                       "--no-llama-cpp", "--output", str(out)])
+    report = json.loads((tmp_path / "decode.json").read_text())
+    assert report["meta"]["bandwidth"]["copy_GBps"] > 0 and report["meta"]["bandwidth"]["read_GBps"] > 0
+    rows = report["rows"]
+    labels = {(r["arm"], r["precision"], r["implementation"]) for r in rows}
+    assert {("ML-Mamba", p, i) for p in ("float32", "float32, split GEMV", "bfloat16", "int8 weight-only")
+            for i in ("eager", "static")} <= labels
+    assert any(r["arm"] == "LLaVA (Llama)" for r in rows)
+    assert all(r["ms_per_token"] > 0 and 0 < r["roofline_share"] for r in rows)
+    int8 = next(r for r in rows if r["precision"] == "int8 weight-only")
+    float32 = next(r for r in rows if r["precision"] == "float32")
+    assert int8["weight_bytes"] < float32["weight_bytes"] / 2  # int8 weights (the embedding row aside)
+    assert "share: copy / read roofline" in (tmp_path / "decode.md").read_text()
