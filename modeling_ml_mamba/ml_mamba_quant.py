@@ -69,6 +69,18 @@ def quantize_int8(model: nn.Module) -> int:
     return _replace_linears(model, Int8Linear)
 
 
+@torch.library.custom_op("ml_mamba::blocked_matmul", mutates_args=())
+def blocked_matmul(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """(n, in) @ blocks (parts, in, out / parts) -> (n, out): one batched matmul, blocks side by side. An opaque op
+    for `torch.compile`, which otherwise lowers this batched matrix-vector product to a slower kernel."""
+    return torch.matmul(x, blocks).transpose(0, 1).reshape(x.shape[0], blocks.shape[0] * blocks.shape[2])
+
+
+@blocked_matmul.register_fake
+def _(x, blocks):
+    return x.new_empty(x.shape[0], blocks.shape[0] * blocks.shape[2])
+
+
 class SplitGemvLinear(nn.Module):
     """`nn.Linear` with the weight stored as ``parts`` blocks of output rows, each transposed: (parts, in, out / parts).
 
@@ -97,7 +109,7 @@ class SplitGemvLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        y = torch.matmul(flat, self.weight_blocks).transpose(0, 1).reshape(flat.shape[0], self.out_features)
+        y = blocked_matmul(flat.contiguous(), self.weight_blocks)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)

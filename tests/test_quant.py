@@ -86,7 +86,7 @@ def test_split_gemv_layers_give_the_same_model(text):
     assert split_gemv(model, parts=2) == (4 if text == "mamba2" else 6) + 1
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, reference, atol=2e-5, rtol=1e-4)
-    for implementation in ("static", "eager"):
+    for implementation in ("static", "eager", "compiled"):
         model.config.decode_implementation = implementation
         got = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
         assert torch.equal(got, expected), implementation
