@@ -27,15 +27,6 @@ from .ml_mamba_compat import advance_cache_count
 LOG_DECAY_FLOOR = -80.0  # as ssd_step: exp() of anything below is 0 in float32
 
 
-def _rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """transformers' Mamba RMSNorm (computed in float32, returned in the input's dtype, times the weight)."""
-    hidden = hidden.to(norm.weight.dtype)
-    dtype = hidden.dtype
-    hidden = hidden.float()
-    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * hidden.to(dtype)
-
-
 def _conv_step(conv1d: nn.Conv1d, conv_state: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """Shift ``new`` (b, channels) into the window ``conv_state`` (b, channels, k) in place; returns the causal conv
     output (b, channels) in float32 (accumulated in float32 for low-precision weights), before the activation."""
@@ -67,11 +58,7 @@ def _mamba2_mixer(mixer: nn.Module, x: torch.Tensor, conv_state: torch.Tensor, s
     y = y.view(batch, heads, head_dim) + mixer.D.float()[:, None] * x.float().view(batch, heads, head_dim)
     y = y.view(batch, mixer.intermediate_size).to(dtype)
 
-    norm = mixer.norm  # gated RMSNorm per group, as transformers' Mamba2 (norm_before_gate=False)
-    gated = (y.float() * F.silu(gate.float())).view(batch, -1, norm.group_size)
-    gated = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    y = norm.weight * gated.view(batch, mixer.intermediate_size).to(dtype)
-    return mixer.out_proj(y.to(dtype))
+    return mixer.out_proj(mixer.norm(y, gate).to(dtype))  # the mixer's own gated RMSNorm
 
 
 def _mamba1_mixer(mixer: nn.Module, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
@@ -95,15 +82,22 @@ def decode_step(language_model: nn.Module, lm_head: nn.Module, input_ids: torch.
     mixer_step = _mamba2_mixer if kind == "mamba2" else _mamba1_mixer
     hidden = language_model.embeddings(input_ids[:, 0])
     for block, conv_state, ssm_state in zip(language_model.layers, conv_states, ssm_states):
+        # the block's own norms and residual, as transformers' Mamba blocks and models apply them
         residual = hidden.float() if block.residual_in_fp32 else hidden
-        hidden = residual + mixer_step(block.mixer, _rms_norm(block.norm, hidden), conv_state, ssm_state)
-    hidden = _rms_norm(language_model.norm_f, hidden)
+        normed = block.norm(hidden.to(block.norm.weight.dtype))
+        hidden = residual + mixer_step(block.mixer, normed, conv_state, ssm_state)
+    hidden = language_model.norm_f(hidden)
     return lm_head(hidden.to(input_dtype(lm_head))).float()
 
 
 def input_dtype(linear: nn.Module) -> torch.dtype:
     """The dtype a linear layer takes: its weight's, or ``compute_dtype`` for a quantized layer."""
     return getattr(linear, "compute_dtype", None) or linear.weight.dtype
+
+
+def store_transposed(linear: nn.Linear) -> None:
+    """Keep ``linear.weight``'s values and shape, with its memory transposed (strides ``(1, out)``)."""
+    linear.weight.data = linear.weight.data.t().contiguous().t()
 
 
 def use_gemv_layout(module: nn.Module, enabled: bool = True) -> list[nn.Linear]:
@@ -119,7 +113,7 @@ def use_gemv_layout(module: nn.Module, enabled: bool = True) -> list[nn.Linear]:
         if weight is None or weight.dim() != 2 or min(weight.shape) < 2:
             continue
         if enabled and weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous():
-            weight.data = weight.data.t().contiguous().t()
+            store_transposed(linear)
             changed.append(linear)
         elif not enabled and weight.t().is_contiguous() and not weight.is_contiguous():
             weight.data = weight.data.contiguous()
@@ -170,4 +164,4 @@ def can_decode_statically(language_model: nn.Module, cache) -> bool:
     return True
 
 
-__all__ = ["StaticDecoder", "use_gemv_layout", "can_decode_statically", "decode_step"]
+__all__ = ["StaticDecoder", "store_transposed", "use_gemv_layout", "can_decode_statically", "decode_step"]

@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from .ml_mamba_norm import GatedRMSNorm
 from .ml_mamba_ssd import ssd_scan
 

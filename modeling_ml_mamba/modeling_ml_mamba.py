@@ -19,7 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutpu
 from .configuration_ml_mamba import MLMambaConfig
 from .ml_mamba_compat import CACHE_NAME, output_with_cache, pick_cache
 from .ml_mamba_connectors import build_connector
-from .ml_mamba_decode import StaticDecoder, can_decode_statically, input_dtype, use_gemv_layout
+from .ml_mamba_decode import StaticDecoder, can_decode_statically, input_dtype, store_transposed, use_gemv_layout
 from .ml_mamba_fast_mamba2 import enable_fast_mamba2
 from .ml_mamba_norm import GatedRMSNorm
 from .ml_mamba_scan import ScanDirection
@@ -71,7 +71,7 @@ class MLMambaPreTrainedModel(PreTrainedModel):
             return super().save_pretrained(*args, **kwargs)
         finally:
             for linear in restored:
-                linear.weight.data = linear.weight.data.t().contiguous().t()
+                store_transposed(linear)
 
     @classmethod
     def is_custom_code(cls) -> bool:
