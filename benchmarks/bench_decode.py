@@ -162,8 +162,8 @@ def llama_cpp_rows(model, contexts, steps, threads, workdir) -> tuple[list[dict]
         if converted.returncode != 0:
             return rows, f"llama.cpp arm stopped: convert_hf_to_gguf.py failed: {converted.stderr[-1500:]}"
         for context in contexts:
-            llm = llama_cpp.Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=context + steps + 8,
-                                  n_batch=512, verbose=False)
+            llm = llama_cpp.Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads,
+                                  n_ctx=context + steps + 8, n_batch=512, verbose=False)
             prompt = [int(t) for t in torch.randint(10, 290, (context,))]
             start = time.perf_counter()
             llm.eval(prompt)

@@ -138,7 +138,8 @@ def main(argv=None):
     import transformers
 
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, transformers "
-          f"{transformers.__version__}, {torch.get_num_threads()} threads, load {open('/proc/loadavg').read().split()[:3]}")
+          f"{transformers.__version__}, {torch.get_num_threads()} threads, "
+          f"load {open('/proc/loadavg').read().split()[:3]}")
     print("| prompt | batch | arm | prefill ms | decode ms/step | vs transformers (prefill, decode) | max rel diff |")
     print("|---:|---:|---|---:|---:|---:|---:|")
     for tokens in args.prefill:

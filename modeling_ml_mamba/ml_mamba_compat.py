@@ -2,8 +2,8 @@
 
 A saved model folder carries this file and runs inside whatever transformers its user has installed, so the remote
 code must not break on a rename. The rest of the package imports only transformers' public API (``transformers``,
-``transformers.modeling_outputs``, ``transformers.utils``, ``transformers.image_utils``, ``transformers.initialization``)
-and this module; ``tests/test_compat.py`` checks that no other module reaches into ``transformers.models.*``,
+``transformers.modeling_outputs``, ``transformers.utils``, ``transformers.image_utils``,
+``transformers.initialization``) and this module; ``tests/test_compat.py`` checks that no other module reaches into ``transformers.models.*``,
 ``transformers.integrations`` or ``transformers.generation.utils``.
 
 What differs across the supported releases (5.23 to 5.25; see the README, "Supported transformers releases"):

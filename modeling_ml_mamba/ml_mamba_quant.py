@@ -120,7 +120,8 @@ class SplitGemvLinear(nn.Module):
 
 
 def _replace_linears(model: nn.Module, make) -> int:
-    """Swap the language model's `nn.Linear` layers (Mamba-1's ``dt_proj`` excepted) and the LM head for ``make(linear)``."""
+    """Swap the language model's `nn.Linear` layers (Mamba-1's ``dt_proj`` excepted) and the LM head for
+    ``make(linear)``."""
     base = getattr(model, "model", model)
     targets = [(name, module) for name, module in base.language_model.named_modules()
                if isinstance(module, nn.Linear) and not name.endswith("dt_proj")]  # Mamba-1's dt feeds exp(): kept

@@ -9,8 +9,19 @@ import pytest
 # The compatibility subset (`pytest -m compat`), which CI also runs on the oldest transformers the package allows:
 # model, processor, config, generate with a cache, the fast path against transformers' reference path, save + load
 # through `trust_remote_code` in a fresh process, LoRA training steps, and the internal-imports rule.
-COMPAT_MODULES = {"test_compat.py", "test_decode.py", "test_conventions.py", "test_trl_cli.py", "test_config.py", "test_modeling.py", "test_processor.py", "test_generation.py",
-                  "test_fast_path.py", "test_hub_roundtrip.py", "test_training.py"}
+COMPAT_MODULES = {
+    "test_compat.py",
+    "test_decode.py",
+    "test_conventions.py",
+    "test_trl_cli.py",
+    "test_config.py",
+    "test_modeling.py",
+    "test_processor.py",
+    "test_generation.py",
+    "test_fast_path.py",
+    "test_hub_roundtrip.py",
+    "test_training.py",
+}
 
 
 def pytest_collection_modifyitems(items):

@@ -53,7 +53,8 @@ def test_images_as_data_urls_base64_and_file_urls(saved, tmp_path):
 @pytest.mark.parametrize("bad, message", [
     ("data:image/png;base64,@@not-base64@@", "sample 0, image 1 .*base64 image data could not be decoded"),
     ("data:text/plain,hello", "sample 0, image 1: malformed data URL"),
-    ("data:image/png;base64," + base64.b64encode(b"not an image at all").decode(), "sample 0, image 1 .*decoded as an image"),
+    ("data:image/png;base64," + base64.b64encode(b"not an image at all").decode(),
+     "sample 0, image 1 .*decoded as an image"),
     ("/no/such/file.png", "sample 0, image 1: no image file at '/no/such/file.png'"),
 ])
 def test_malformed_image_strings_name_the_sample_and_image(saved, bad, message):
@@ -108,7 +109,8 @@ def test_deprecated_cache_names_work_and_warn(saved):
                                   **{name: getattr(prefilled, ml_mamba_compat.CACHE_NAME)}).logits
     assert torch.equal(by_name["cache"], by_name["cache_params"])
     assert torch.equal(by_name["cache"], by_name["past_key_values"])
-    messages = {str(w.message) for w in caught if issubclass(w.category, FutureWarning) and "deprecated" in str(w.message)}
+    messages = {str(w.message) for w in caught
+                if issubclass(w.category, FutureWarning) and "deprecated" in str(w.message)}
     deprecated = {"cache", "cache_params", "past_key_values"} - {ml_mamba_compat.CACHE_NAME}
     assert {m.split("`")[1] for m in messages} == deprecated
     assert all(f"pass the recurrent cache as `{ml_mamba_compat.CACHE_NAME}`" in m for m in messages)
