@@ -11,8 +11,9 @@ graph and replayed per token).
 `MLMambaForConditionalGeneration.forward` takes this path for a cached one-token step without gradients, hidden
 states or labels (what `generate` asks for), as ``config.decode_implementation`` says: ``"static"`` (default, eager),
 ``"compiled"``, or ``"eager"`` (transformers' own modules). The SSM state stays in float32 whatever the weights'
-dtype. On CPU the float32 weights of the language model are stored transposed once (`use_gemv_layout`), the
-layout in which a matrix-vector product runs fastest. The reference it is tested against is the eager path
+dtype. On CPU the static step stores the language model's float32 weights transposed once (`use_gemv_layout`), the
+layout in which MKL's matrix-vector product runs fastest; the compiled step keeps the default layout and multiplies
+by a fused reduction instead (`project`). The reference it is tested against is the eager path
 (`tests/test_decode.py`).
 """
 
@@ -25,6 +26,29 @@ from torch import nn
 from .ml_mamba_compat import advance_cache_count
 
 LOG_DECAY_FLOOR = -80.0  # as ssd_step: exp() of anything below is 0 in float32
+# Up to how many rows a compiled CPU step multiplies as a fused reduction rather than calling the BLAS / int8 kernel
+# (`project`); measured on the 129M LM's weights, 2 threads, AVX-512 (benchmarks/RESULTS.md, "compiled GEMV").
+REDUCTION_ROWS = {torch.float32: 8, torch.bfloat16: 1, torch.float16: 1, torch.int8: 1}
+
+
+def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` for the rows ``x`` (b, in). Inside a compiled CPU step with few rows it is written as a fused
+    multiply-reduce over the stored weight, ``(x[:, None, :] * W).sum(-1)`` (dequantized in registers for
+    `Int8Linear`, accumulated in float32 for every dtype), which Inductor turns into one vectorized loop over all
+    cores: at batch 1 it reads weights 1.6x (int8), 2.8x (bfloat16) and 1.7x (float32) faster than the int8 kernel
+    and MKL's GEMV it replaces (`benchmarks/RESULTS.md`). Everywhere else it calls the layer."""
+    weight = getattr(linear, "weight_int8", None)
+    if weight is None and type(linear) is nn.Linear:
+        weight = linear.weight
+    if (weight is None or x.device.type != "cpu" or not torch.compiler.is_compiling() or not weight.is_contiguous()
+            or x.shape[0] > REDUCTION_ROWS.get(weight.dtype, 0)):
+        return linear(x)
+    y = (x.float()[:, None, :] * weight.float()).sum(-1)
+    if weight.dtype == torch.int8:
+        y = y * linear.scale.float()
+    if linear.bias is not None:
+        y = y + linear.bias.float()
+    return y.to(x.dtype)
 
 
 def _conv_step(conv1d: nn.Conv1d, conv_state: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -40,7 +64,7 @@ def _mamba2_mixer(mixer: nn.Module, x: torch.Tensor, conv_state: torch.Tensor, s
     batch = x.shape[0]
     dtype = x.dtype
     heads, head_dim, groups, state_size = mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size
-    gate, xbc, dt = mixer.in_proj(x).split([mixer.intermediate_size, mixer.conv_dim, heads], dim=-1)
+    gate, xbc, dt = project(mixer.in_proj, x).split([mixer.intermediate_size, mixer.conv_dim, heads], dim=-1)
     xbc = F.silu(_conv_step(mixer.conv1d, conv_state, xbc)).to(dtype)
     x, B, C = xbc.split([mixer.intermediate_size, groups * state_size, groups * state_size], dim=-1)
 
@@ -58,22 +82,22 @@ def _mamba2_mixer(mixer: nn.Module, x: torch.Tensor, conv_state: torch.Tensor, s
     y = y.view(batch, heads, head_dim) + mixer.D.float()[:, None] * x.float().view(batch, heads, head_dim)
     y = y.view(batch, mixer.intermediate_size).to(dtype)
 
-    return mixer.out_proj(mixer.norm(y, gate).to(dtype))  # the mixer's own gated RMSNorm
+    return project(mixer.out_proj, mixer.norm(y, gate).to(dtype))  # the mixer's own gated RMSNorm
 
 
 def _mamba1_mixer(mixer: nn.Module, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
     dtype = x.dtype
-    hidden, gate = mixer.in_proj(x).chunk(2, dim=-1)
+    hidden, gate = project(mixer.in_proj, x).chunk(2, dim=-1)
     hidden = F.silu(_conv_step(mixer.conv1d, conv_state, hidden)).to(dtype)
     rank, state_size = mixer.time_step_rank, mixer.ssm_state_size
-    time_step, B, C = mixer.x_proj(hidden).split([rank, state_size, state_size], dim=-1)
+    time_step, B, C = project(mixer.x_proj, hidden).split([rank, state_size, state_size], dim=-1)
     dt = F.linear(time_step, mixer.dt_proj.weight).float()  # the bias is added in float32, as transformers does
     dt = F.softplus(dt + mixer.dt_proj.bias.float()) if mixer.dt_proj.bias is not None else F.softplus(dt)
     A = -torch.exp(mixer.A_log.float())  # (intermediate, state)
     ssm_state.mul_(torch.exp(dt[..., None] * A)).addcmul_((dt * hidden.float())[..., None], B.float()[:, None, :])
     y = torch.bmm(ssm_state, C.float()[..., None]).squeeze(-1) + hidden.float() * mixer.D.float()
     y = (y * F.silu(gate.float())).to(dtype)
-    return mixer.out_proj(y)
+    return project(mixer.out_proj, y)
 
 
 def decode_step(language_model: nn.Module, lm_head: nn.Module, input_ids: torch.Tensor, conv_states: list,
@@ -87,7 +111,7 @@ def decode_step(language_model: nn.Module, lm_head: nn.Module, input_ids: torch.
         normed = block.norm(hidden.to(block.norm.weight.dtype))
         hidden = residual + mixer_step(block.mixer, normed, conv_state, ssm_state)
     hidden = language_model.norm_f(hidden)
-    return lm_head(hidden.to(input_dtype(lm_head))).float()
+    return project(lm_head, hidden.to(input_dtype(lm_head))).float()
 
 
 def input_dtype(linear: nn.Module) -> torch.dtype:
@@ -129,8 +153,9 @@ class StaticDecoder:
         if kind not in ("mamba2", "mamba"):
             raise ValueError(f"The static decode step supports mamba2 and mamba language models, got {kind!r}.")
         self.language_model, self.lm_head, self.kind, self.compiled = language_model, lm_head, kind, compiled
-        use_gemv_layout(language_model)
-        use_gemv_layout(lm_head)
+        # eager: MKL's GEMV wants the transposed layout; compiled: `project`'s fused reduction wants the default one
+        use_gemv_layout(language_model, enabled=not compiled)
+        use_gemv_layout(lm_head, enabled=not compiled)
         self.step = decode_step
         if compiled:
             device = next(language_model.parameters()).device
@@ -164,4 +189,4 @@ def can_decode_statically(language_model: nn.Module, cache) -> bool:
     return True
 
 
-__all__ = ["StaticDecoder", "store_transposed", "use_gemv_layout", "can_decode_statically", "decode_step"]
+__all__ = ["StaticDecoder", "project", "store_transposed", "use_gemv_layout", "can_decode_statically", "decode_step"]
