@@ -42,6 +42,8 @@ except ImportError:  # a release that dropped the table: read the name off the L
 
 # The keyword and output field under which this transformers passes a recurrent cache around.
 CACHE_NAME = "cache" if "cache" in ALL_CACHE_NAMES else "cache_params"
+# `generate`'s keyword and output field for the cache (5.23: `past_key_values` there, `cache_params` in forwards).
+GENERATE_CACHE_NAME = "cache" if CACHE_NAME == "cache" else "past_key_values"
 
 
 def pick_cache(cache=None, cache_params=None, past_key_values=None):
@@ -67,6 +69,13 @@ def output_with_cache(cls):
         setattr(cls, CACHE_NAME, cls.__dict__["cache"])
         delattr(cls, "cache")
     return dataclass(cls)
+
+
+def cache_token_count(cache) -> int | None:
+    """How many tokens ``cache`` has seen (5.25+), or None on releases whose linear-attention caches keep no count
+    (there `generate` cannot continue from a recurrent cache: it asks the cache for a length it does not have)."""
+    counter = getattr(cache.layers[0], "cumulative_length_linear", None) if cache.layers else None
+    return None if counter is None else int(counter)
 
 
 def advance_cache_count(cache, layer_idx: int, tokens: int = 1) -> None:
@@ -96,5 +105,5 @@ except ImportError:  # not in this release: nothing to fire
 # --- sub-config declarations (5.20+) -------------------------------------------------------------------------------
 from transformers.configuration_utils import SubConfigSpec  # noqa: E402
 
-__all__ = ["CACHE_NAME", "pick_cache", "output_with_cache", "advance_cache_count", "Mamba2Mixer",
+__all__ = ["CACHE_NAME", "GENERATE_CACHE_NAME", "cache_token_count", "pick_cache", "output_with_cache", "advance_cache_count", "Mamba2Mixer",
            "mamba2_chunk_scan", "causal_conv1d_fn", "force_accelerate_hooks", "SubConfigSpec"]

@@ -9,6 +9,7 @@ the embeddings, run the Mamba LM. The LM is transformers' own `Mamba2Model` / `M
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -217,15 +218,17 @@ class MLMambaModel(MLMambaPreTrainedModel):
             # `generate` passes the mask of the whole sequence; the recurrent state already holds the past, and the
             # LM masks the new tokens only (transformers' Mamba-1 would broadcast a longer mask over them).
             attention_mask = attention_mask[:, -inputs_embeds.shape[1]:]
-        # No **kwargs: transformers' Mamba models pass them on to their mixer kernels.
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_hidden_states=bool(output_hidden_states),
-            attention_mask=attention_mask,
-            return_dict=True,
-            **{CACHE_NAME: cache},
-        )
+        if self.config.text_config.model_type == "mamba" and _is_decoding(cache) and inputs_embeds.shape[1] > 1:
+            outputs = self._continue_token_by_token(inputs_embeds, attention_mask, cache, output_hidden_states)
+        else:  # No **kwargs: transformers' Mamba models pass them on to their mixer kernels.
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                output_hidden_states=bool(output_hidden_states),
+                attention_mask=attention_mask,
+                return_dict=True,
+                **{CACHE_NAME: cache},
+            )
         output = MLMambaModelOutput(
             last_hidden_state=outputs.last_hidden_state,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
@@ -233,6 +236,23 @@ class MLMambaModel(MLMambaPreTrainedModel):
             image_hidden_states=image_features,
         )
         return output if _return_dict(return_dict, self.config) else output.to_tuple()
+
+
+    def _continue_token_by_token(self, inputs_embeds, attention_mask, cache, output_hidden_states):
+        """Several new tokens on top of a Mamba-1 state (a conversation's next turn), one step each: transformers'
+        Mamba-1 prefill restarts its causal conv from zeros instead of the cached window (Mamba-2's path continues
+        both), so stepping is the exact way; it costs one decode step per token of the new turn."""
+        steps = []
+        for position in range(inputs_embeds.shape[1]):
+            mask = attention_mask[:, position:position + 1] if attention_mask is not None else None
+            steps.append(self.language_model(inputs_embeds=inputs_embeds[:, position:position + 1], use_cache=True,
+                                             output_hidden_states=bool(output_hidden_states), attention_mask=mask,
+                                             return_dict=True, **{CACHE_NAME: cache}))
+        hidden_states = None
+        if output_hidden_states:
+            hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*(step.hidden_states for step in steps)))
+        return SimpleNamespace(last_hidden_state=torch.cat([step.last_hidden_state for step in steps], dim=1),
+                               hidden_states=hidden_states, **{CACHE_NAME: cache})
 
 
 def _return_dict(return_dict: bool | None, config) -> bool:
@@ -252,6 +272,21 @@ def _select_layers(hidden_states, requested):
 def _is_decoding(cache: Cache | None) -> bool:
     """True once the recurrent cache holds a state, i.e. after prefill (a generated `<image>` id is then just text)."""
     return cache is not None and cache.has_previous_state(0)
+
+
+def _unseen_images(pixel_values, input_ids, seen: int, image_token_id: int, tokens_per_image: int):
+    """The rows of ``pixel_values`` (the images of every sequence, in order) whose `<image>` tokens come after the
+    first ``seen`` positions of ``input_ids``; None if there are none."""
+    keep, offset = [], 0
+    for row in input_ids:
+        before = int((row[:seen] == image_token_id).sum())
+        total = int((row == image_token_id).sum())
+        if before % tokens_per_image:
+            raise ValueError(f"The cache has seen {before % tokens_per_image} of the {tokens_per_image} tokens of an "
+                             "image: continue a conversation from a cache that ends between turns.")
+        keep.extend(range(offset + before // tokens_per_image, offset + total // tokens_per_image))
+        offset += total // tokens_per_image
+    return pixel_values[keep] if keep else None
 
 
 class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
@@ -349,6 +384,19 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         )
         return output if _return_dict(return_dict, self.config) else output.to_tuple()
 
+
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+        """transformers' preparation; when `generate` continues from a cache that has seen the start of the prompt
+        (a conversation's next turn, ``past_key_values=previous.past_key_values``), it feeds only the tokens after
+        that start, and the images whose tokens lie inside it are dropped from ``pixel_values`` (the state holds
+        them)."""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        pixel_values, fed = model_inputs.get("pixel_values"), model_inputs.get("input_ids")
+        if pixel_values is None or fed is None or fed.shape[1] >= input_ids.shape[1]:
+            return model_inputs
+        model_inputs["pixel_values"] = _unseen_images(pixel_values, input_ids, input_ids.shape[1] - fed.shape[1],
+                                                      self.config.image_token_id, self.config.num_image_tokens)
+        return model_inputs
 
     def _decodes_statically(self, input_ids, inputs_embeds, pixel_values, cache, labels, output_hidden_states) -> bool:
         """A cached one-token step of `generate` (no gradients, hidden states, labels or images) takes the static

@@ -7,8 +7,10 @@
 A thin layer over transformers' own pieces: the processor's chat template, `generate` and `TextIteratorStreamer`,
 served by FastAPI/uvicorn. `POST /v1/chat/completions` (``stream`` as server-sent events, ``max_tokens``,
 ``temperature``, ``top_p``, ``stop``, ``seed``) and `GET /v1/models`. Images come as ``image_url`` content parts
-(data URLs, http(s) URLs, paths). Requests are queued: one generation runs at a time (a lock), the others wait. Bad
-input gets a 4xx JSON error in OpenAI's shape naming the problem, and the server keeps serving.
+(data URLs, http(s) URLs, paths). Requests are queued: one generation runs at a time (a lock), the others wait.
+The next turn of a chat continues from the state the previous turn left (the last few are kept, `--saved-states`):
+it processes only its own new tokens, reported as ``usage.prompt_tokens_details.cached_tokens``. Bad input gets a
+4xx JSON error in OpenAI's shape naming the problem, and the server keeps serving.
 """
 
 import argparse
@@ -19,7 +21,10 @@ import uuid
 
 import torch
 
-DEFAULT_LIMITS = {"max_images": 8, "max_prompt_tokens": 8192, "max_new_tokens": 1024, "max_body_bytes": 20 * 2**20}
+from ml_mamba.serving.session import StateStore, generate_turn
+
+DEFAULT_LIMITS = {"max_images": 8, "max_prompt_tokens": 8192, "max_new_tokens": 1024, "max_body_bytes": 20 * 2**20,
+                  "saved_states": 4}
 
 
 class RequestError(Exception):
@@ -81,6 +86,7 @@ class ChatService:
         self.model, self.processor, self.model_id = model, processor, model_id
         self.limits = {**DEFAULT_LIMITS, **(limits or {})}
         self.lock = threading.Lock()
+        self.states = StateStore(self.limits["saved_states"])
 
     def prepare(self, request: dict) -> tuple[dict, dict]:
         """(model inputs, generate kwargs) for an OpenAI chat request, or a `RequestError`."""
@@ -118,19 +124,24 @@ class ChatService:
             kwargs.update(stop_strings=list(stop), tokenizer=self.processor.tokenizer)
         return inputs, {"seed": request.get("seed"), **kwargs}
 
-    def generate(self, inputs: dict, kwargs: dict, streamer=None) -> tuple[str, int, str]:
-        """(text, completion tokens, finish reason); runs under the lock."""
+    def generate(self, inputs: dict, kwargs: dict, streamer=None) -> tuple[str, int, str, int]:
+        """(text, completion tokens, finish reason, prompt tokens read from a saved state); runs under the lock.
+
+        A request whose prompt starts with the tokens a stored state has seen (the same chat, one turn on) continues
+        from that state and processes only the rest (`StateStore`); the answer is the same as a full prefill."""
+        kwargs = dict(kwargs)
         seed = kwargs.pop("seed", None)
         with self.lock, torch.no_grad():
             if seed is not None:
                 torch.manual_seed(int(seed))
-            output = self.model.generate(**inputs, streamer=streamer, **kwargs)
-        new = output[0, inputs["input_ids"].shape[1]:]
+            cache, cached = self.states.take(inputs["input_ids"][0])
+            new, cache, seen = generate_turn(self.model, inputs.to(self.model.device), cache, streamer, **kwargs)
+            self.states.put(seen, cache)
         eos = self.model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos])
         finish = "stop" if (new.numel() < kwargs["max_new_tokens"] or (len(new) and int(new[-1]) in eos)) \
             else "length"
-        return self.processor.decode(new, skip_special_tokens=True), int(new.numel()), finish
+        return self.processor.decode(new, skip_special_tokens=True), int(new.numel()), finish, cached
 
 
 def build_app(service: ChatService):
@@ -166,12 +177,13 @@ def build_app(service: ChatService):
         if not payload.get("stream"):
             import anyio
 
-            text, count, finish = await anyio.to_thread.run_sync(service.generate, inputs, kwargs)
+            text, count, finish, cached = await anyio.to_thread.run_sync(service.generate, inputs, kwargs)
             return {"id": completion_id, "object": "chat.completion", "created": created, "model": service.model_id,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                  "finish_reason": finish}],
                     "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": count,
-                              "total_tokens": prompt_tokens + count}}
+                              "total_tokens": prompt_tokens + count,
+                              "prompt_tokens_details": {"cached_tokens": cached}}}
 
         streamer = TextIteratorStreamer(service.processor.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                         timeout=600)
@@ -179,7 +191,7 @@ def build_app(service: ChatService):
 
         def run():
             try:
-                result.update(zip(("text", "count", "finish"), service.generate(inputs, kwargs, streamer)))
+                result.update(zip(("text", "count", "finish", "cached"), service.generate(inputs, kwargs, streamer)))
             except Exception as err:  # end the stream instead of leaving the client waiting
                 result["finish"] = f"error: {err}"
                 streamer.end()
@@ -228,12 +240,15 @@ def main(argv=None):
     parser.add_argument("--max-images", type=int, default=DEFAULT_LIMITS["max_images"])
     parser.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_LIMITS["max_prompt_tokens"])
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_LIMITS["max_new_tokens"])
+    parser.add_argument("--saved-states", type=int, default=DEFAULT_LIMITS["saved_states"],
+                        help="conversation states kept to continue the next turn from (0: re-prefill every turn)")
     args = parser.parse_args(argv)
     import uvicorn
 
     service = load_service(args.model, args.dtype, {"max_images": args.max_images,
                                                     "max_prompt_tokens": args.max_prompt_tokens,
-                                                    "max_new_tokens": args.max_new_tokens})
+                                                    "max_new_tokens": args.max_new_tokens,
+                                                    "saved_states": args.saved_states})
     uvicorn.run(build_app(service), host=args.host, port=args.port)
 
 

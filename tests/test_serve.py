@@ -3,6 +3,7 @@ streamed answers equal `generate`'s greedy output for the same chat, a data-URL 
 requests answered with a 4xx naming the problem while the server keeps serving."""
 
 import base64
+import contextlib
 import io
 import socket
 import threading
@@ -25,10 +26,9 @@ def _data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-@pytest.fixture(scope="module")
-def server():
-    model, processor = tiny_model("mlp")
-    service = ChatService(model, processor, MODEL_ID, limits={"max_images": 2, "max_prompt_tokens": 64})
+@contextlib.contextmanager
+def _serving(service):
+    """``service`` on a free port of 127.0.0.1, and an official OpenAI client for it."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -39,10 +39,19 @@ def server():
     while not uv.started:
         assert time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-    yield client, model, processor
-    uv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server():
+    model, processor = tiny_model("mlp")
+    service = ChatService(model, processor, MODEL_ID, limits={"max_images": 2, "max_prompt_tokens": 64})
+    with _serving(service) as client:
+        yield client, model, processor
 
 
 def _expected(model, processor, image, question, max_new_tokens=6):
@@ -98,3 +107,29 @@ def test_unknown_model_is_a_404(server):
     client, _, _ = server
     with pytest.raises(openai.NotFoundError, match="does not exist here"):
         client.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+
+
+def test_the_next_turn_continues_from_the_saved_state(trained_demo):
+    """A chat's second request (the whole history, as OpenAI clients send it) processes only its new tokens, reported
+    as cached prompt tokens, and answers as a full re-prefill of the chat does."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from ml_mamba.serving.session import ChatSession
+    from modeling_ml_mamba.ml_mamba_compat import cache_token_count
+
+    model = AutoModelForImageTextToText.from_pretrained(trained_demo).eval()
+    processor = AutoProcessor.from_pretrained(trained_demo)
+    image = digit_images(1, start=3)[0]
+    reference = ChatSession(model, processor, reuse_state=False)
+    with _serving(ChatService(model, processor, MODEL_ID)) as client:
+        messages = _messages(image, "Which digit is shown?")
+        first = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=8, temperature=0)
+        assert first.choices[0].message.content == reference.ask("Which digit is shown?", [_data_url(image)],
+                                                                  max_new_tokens=8)
+        messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "user", "content": "Is the digit even or odd?"}]
+        second = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=8, temperature=0)
+    assert second.choices[0].message.content == reference.ask("Is the digit even or odd?", max_new_tokens=8)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    if cache_token_count(reference.cache) is not None:  # transformers 5.25+: generate can continue a state
+        assert second.usage.prompt_tokens // 2 < cached < second.usage.prompt_tokens
