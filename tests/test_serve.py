@@ -133,3 +133,37 @@ def test_the_next_turn_continues_from_the_saved_state(trained_demo):
     cached = second.usage.prompt_tokens_details.cached_tokens
     if cache_token_count(reference.cache) is not None:  # transformers 5.25+: generate can continue a state
         assert second.usage.prompt_tokens // 2 < cached < second.usage.prompt_tokens
+
+
+def test_the_ml_mamba_serve_command_answers_as_the_readme_shows(trained_demo):
+    """`ml-mamba-serve MODEL --port P` started as a user starts it (its own process), asked by the openai client."""
+    import os
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "ml_mamba.serving.server", trained_demo, "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                model_id = client.models.list().data[0].id
+                break
+            except openai.APIConnectionError:
+                assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.5)
+        reply = client.chat.completions.create(model=model_id, messages=_messages(digit_images(1, start=4)[0],
+                                                                                  "Which digit is shown?"),
+                                               max_tokens=8, temperature=0)
+        words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+        assert reply.choices[0].message.content == words[int(load_digits().target[4])]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
