@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from transformers import CONFIG_MAPPING, AutoConfig, PreTrainedConfig
 
 from .ml_mamba_compat import SubConfigSpec
@@ -127,6 +129,12 @@ class MLMambaConfig(PreTrainedConfig):
         decode_implementation (`str`, defaults to `"static"`): how `generate` advances one token: `"static"` (one
             function over the LM's weights and the cache's state tensors, updated in place), `"compiled"` (the same,
             `torch.compile`d; a CUDA graph on GPU) or `"eager"` (transformers' own modules).
+        video_token_id (`int`, *optional*): id of the per-frame `<video>` token; set it to give the model videos
+            (``pixel_values_videos``, see `MLMambaProcessor`).
+        video_frame_pool (`int`, defaults to 1): a video frame's token grid is average-pooled by this factor per
+            side (2: 729 -> 196 tokens a frame), so long videos fit; images keep every token.
+        vision_batch_size (`int`, defaults to 16): images or frames per vision-tower + connector call, which bounds
+            the vision side's memory however many a prompt holds.
 
     Example:
 
@@ -169,6 +177,9 @@ class MLMambaConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     tie_word_embeddings: bool | None = None
     decode_implementation: str = "static"
+    video_token_id: int | None = None
+    video_frame_pool: int = 1
+    vision_batch_size: int = 16
 
     def __post_init__(self, **kwargs):
         if isinstance(self.vision_config, (list, tuple)):
@@ -192,6 +203,9 @@ class MLMambaConfig(PreTrainedConfig):
                              f"{DECODE_IMPLEMENTATIONS}.")
         if self.connector_scan not in CONNECTOR_SCANS:
             raise ValueError(f"Unknown connector_scan {self.connector_scan!r}: expected one of {CONNECTOR_SCANS}.")
+        for name in ("video_frame_pool", "vision_batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}.")
         if self.image_size is None:
             self.image_size = self.vision_config.image_size
         if self.image_size < self.vision_config.patch_size:
@@ -205,15 +219,20 @@ class MLMambaConfig(PreTrainedConfig):
             auto_map.setdefault(auto_class, reference)
         self.auto_map = auto_map
 
-    def fit_tokenizer(self, tokenizer, image_token: str = "<image>", pad_vocab_to_multiple_of: int = 8):
-        """Make this config match ``tokenizer``: ``<image>`` is added to the tokenizer as a special token when
-        missing (as `MLMambaProcessor` does), ``image_token_id`` is set to its id, and the language model's vocabulary
-        grows to hold every token id (rounded up to a multiple of ``pad_vocab_to_multiple_of``). Returns ``self``."""
+    def fit_tokenizer(self, tokenizer, image_token: str = "<image>", pad_vocab_to_multiple_of: int = 8,
+                      video_token: str | None = None):
+        """Make this config match ``tokenizer``: ``<image>`` (and ``video_token``, e.g. ``"<video>"``, for video
+        support) is added to the tokenizer as a special token when missing (as `MLMambaProcessor` does),
+        ``image_token_id`` (``video_token_id``) is set to its id, and the language model's vocabulary grows to hold
+        every token id (rounded up to a multiple of ``pad_vocab_to_multiple_of``). Returns ``self``."""
         from transformers import AddedToken
 
-        if image_token not in tokenizer.get_vocab():
-            tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
+        for token in (image_token, video_token):
+            if token is not None and token not in tokenizer.get_vocab():
+                tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        if video_token is not None:
+            self.video_token_id = tokenizer.convert_tokens_to_ids(video_token)
         needed = -(-len(tokenizer) // pad_vocab_to_multiple_of) * pad_vocab_to_multiple_of
         self.text_config.vocab_size = max(self.text_config.vocab_size, needed)
         return self
@@ -229,6 +248,17 @@ class MLMambaConfig(PreTrainedConfig):
         if self.connector_type == "ldp":
             return self.connector_pool_size**2
         return self.num_patches
+
+    @property
+    def num_video_frame_tokens(self) -> int:
+        """Tokens per video frame: the connector's grid, average-pooled by ``video_frame_pool`` per side."""
+        if self.video_frame_pool == 1:
+            return self.num_image_tokens
+        side = math.isqrt(self.num_image_tokens)
+        if side * side != self.num_image_tokens:
+            raise ValueError(f"video_frame_pool needs a square token grid; the connector emits "
+                             f"{self.num_image_tokens} tokens per image.")
+        return math.ceil(side / self.video_frame_pool) ** 2
 
     def connector_mixer_kwargs(self) -> dict:
         """Settings of the scan connectors' Mamba-2 mixer, defaulting to a Mamba-2 LM's own settings."""

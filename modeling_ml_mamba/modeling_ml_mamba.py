@@ -149,37 +149,68 @@ class MLMambaModel(MLMambaPreTrainedModel):
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        features, hidden_states = self.vision_tower(pixel_values, layer)
         connector_dtype = next(self.connector.parameters()).dtype
+        batch = self.config.vision_batch_size
+        if output_hidden_states or pixel_values.shape[0] <= batch:
+            features, hidden_states = self.vision_tower(pixel_values, layer)
+            projected = self.connector(features.to(connector_dtype))
+        else:  # many images or frames: `vision_batch_size` at a time, so the vision side's memory stays bounded
+            hidden_states, pieces = None, [self._encode(pixel_values[start:start + batch], layer, connector_dtype)
+                                           for start in range(0, pixel_values.shape[0], batch)]
+            features, projected = (torch.cat(part, dim=0) for part in zip(*pieces))
         output = BaseModelOutputWithPooling(
             last_hidden_state=features,
-            pooler_output=self.connector(features.to(connector_dtype)),
+            pooler_output=projected,
             hidden_states=hidden_states if output_hidden_states else None,
         )
         return output if _return_dict(return_dict, self.config) else output.to_tuple()
 
-    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None) -> torch.BoolTensor:
-        """Mask of `<image>` positions, (batch, seq, hidden); checks that their number matches the features."""
-        if self.config.image_token_id is None:
-            raise ValueError("config.image_token_id is not set: set it to the processor's `image_token_id`.")
-        if input_ids is None:
-            image_embedding = self.get_input_embeddings()(
-                torch.tensor(self.config.image_token_id, device=inputs_embeds.device))
-            is_image = (inputs_embeds == image_embedding).all(-1)
-        else:
-            is_image = input_ids == self.config.image_token_id
-        if image_features is not None:
-            per_sample = is_image.sum(-1).tolist()
-            num_images, tokens_per_image = image_features.shape[:2]
-            if sum(per_sample) != num_images * tokens_per_image:
-                raise ValueError(
-                    f"Image features and image tokens do not match: the input holds {sum(per_sample)} `<image>` "
-                    f"tokens (per sample: {per_sample}) but {num_images} image(s) x {tokens_per_image} tokens = "
-                    f"{num_images * tokens_per_image} features. Expand each placeholder to "
-                    f"config.num_image_tokens={self.config.num_image_tokens} tokens (MLMambaProcessor does this) and "
-                    f"pass one image per placeholder."
-                )
-        return is_image.unsqueeze(-1).expand_as(inputs_embeds)
+    def _encode(self, pixel_values, layer, connector_dtype):
+        features, _ = self.vision_tower(pixel_values, layer)
+        return features, self.connector(features.to(connector_dtype))
+
+    def get_video_features(self, pixel_values_videos: torch.FloatTensor, **kwargs) -> torch.FloatTensor:
+        """The LM-ready features of video frames, (frames, num_video_frame_tokens, text_hidden): each frame
+        encoded as an image (`vision_batch_size` frames at a time), its token grid average-pooled by
+        ``config.video_frame_pool`` per side."""
+        features = self.get_image_features(pixel_values_videos, return_dict=True).pooler_output
+        pool = self.config.video_frame_pool
+        if pool == 1:
+            return features
+        frames, tokens, hidden = features.shape
+        side = math.isqrt(tokens)
+        grid = features.transpose(1, 2).reshape(frames, hidden, side, side)
+        pooled = nn.functional.avg_pool2d(grid.float(), pool, stride=pool, ceil_mode=True).to(features.dtype)
+        return pooled.flatten(2).transpose(1, 2)
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
+        """Mask of `<image>` positions, (batch, seq, hidden), and with ``video_features`` a second one of the video
+        frame tokens; checks that their numbers match the features."""
+        masks = []
+        for kind, token_id, features, per_item in (
+                ("image", self.config.image_token_id, image_features, "num_image_tokens"),
+                ("video", self.config.video_token_id, video_features, "num_video_frame_tokens")):
+            if kind == "video" and video_features is None:
+                continue
+            if token_id is None:
+                raise ValueError(f"config.{kind}_token_id is not set: set it to the processor's `{kind}_token_id`.")
+            if input_ids is None:
+                embedding = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+                found = (inputs_embeds == embedding).all(-1)
+            else:
+                found = input_ids == token_id
+            if features is not None:
+                per_sample = found.sum(-1).tolist()
+                count, tokens = features.shape[:2]
+                if sum(per_sample) != count * tokens:
+                    raise ValueError(
+                        f"{kind.capitalize()} features and {kind} tokens do not match: the input holds "
+                        f"{sum(per_sample)} `<{kind}>` tokens (per sample: {per_sample}) but {count} "
+                        f"{'image' if kind == 'image' else 'frame'}(s) x {tokens} tokens = {count * tokens} features. "
+                        f"Expand each placeholder to config.{per_item}={getattr(self.config, per_item)} tokens "
+                        f"(MLMambaProcessor does this) and pass one {kind} per placeholder.")
+            masks.append(found.unsqueeze(-1).expand_as(inputs_embeds))
+        return masks[0] if video_features is None else tuple(masks)
 
     def forward(
         self,
@@ -193,6 +224,7 @@ class MLMambaModel(MLMambaPreTrainedModel):
         return_dict: bool | None = None,
         cache_params: Cache | None = None,
         past_key_values: Cache | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
         **kwargs,
     ) -> MLMambaModelOutput:
         cache = pick_cache(cache, cache_params, past_key_values)
@@ -207,10 +239,17 @@ class MLMambaModel(MLMambaPreTrainedModel):
             image_features = image_features.to(inputs_embeds.dtype)
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
-        elif input_ids is not None and self.config.image_token_id is not None and not _is_decoding(cache):
-            count = int((input_ids == self.config.image_token_id).sum())
-            if count:
-                raise ValueError(f"The input holds {count} `<image>` tokens but no `pixel_values` were given.")
+        if pixel_values_videos is not None:
+            video_features = self.get_video_features(pixel_values_videos).to(inputs_embeds.dtype)
+            _, mask = self.get_placeholder_mask(input_ids, inputs_embeds, None, video_features)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, video_features)
+        if input_ids is not None and not _is_decoding(cache):
+            for token_id, given, name in ((self.config.image_token_id, pixel_values, "pixel_values"),
+                                          (self.config.video_token_id, pixel_values_videos, "pixel_values_videos")):
+                count = int((input_ids == token_id).sum()) if token_id is not None and given is None else 0
+                if count:
+                    kind = "image" if name == "pixel_values" else "video"
+                    raise ValueError(f"The input holds {count} `<{kind}>` tokens but no `{name}` were given.")
 
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
@@ -343,6 +382,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         cache_params: Cache | None = None,
         past_key_values: Cache | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
         **kwargs,
     ) -> MLMambaCausalLMOutput:
         r"""
@@ -351,7 +391,8 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `n` positions (0 = all).
         """
         cache = pick_cache(cache, cache_params, past_key_values)
-        if self._decodes_statically(input_ids, inputs_embeds, pixel_values, cache, labels, output_hidden_states):
+        if pixel_values_videos is None and self._decodes_statically(input_ids, inputs_embeds, pixel_values, cache,
+                                                                    labels, output_hidden_states):
             logits = self._static_decoder()(input_ids, cache)[:, None]
             output = MLMambaCausalLMOutput(logits=logits, **{CACHE_NAME: cache})
             return output if _return_dict(return_dict, self.config) else output.to_tuple()
@@ -364,6 +405,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            pixel_values_videos=pixel_values_videos,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -391,11 +433,14 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         that start, and the images whose tokens lie inside it are dropped from ``pixel_values`` (the state holds
         them)."""
         model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
-        pixel_values, fed = model_inputs.get("pixel_values"), model_inputs.get("input_ids")
-        if pixel_values is None or fed is None or fed.shape[1] >= input_ids.shape[1]:
+        fed = model_inputs.get("input_ids")
+        if fed is None or fed.shape[1] >= input_ids.shape[1]:
             return model_inputs
-        model_inputs["pixel_values"] = _unseen_images(pixel_values, input_ids, input_ids.shape[1] - fed.shape[1],
-                                                      self.config.image_token_id, self.config.num_image_tokens)
+        for name, token_id, per_item in (("pixel_values", self.config.image_token_id, "num_image_tokens"),
+                                         ("pixel_values_videos", self.config.video_token_id, "num_video_frame_tokens")):
+            if model_inputs.get(name) is not None:
+                model_inputs[name] = _unseen_images(model_inputs[name], input_ids, input_ids.shape[1] - fed.shape[1],
+                                                    token_id, getattr(self.config, per_item))
         return model_inputs
 
     def _decodes_statically(self, input_ids, inputs_embeds, pixel_values, cache, labels, output_hidden_states) -> bool:

@@ -8,6 +8,7 @@ from transformers.image_utils import make_flat_list_of_images
 
 from .ml_mamba_chat_templates import ZEPHYR_CHAT_TEMPLATE
 from .ml_mamba_image_utils import map_images
+from .ml_mamba_video_utils import load_video
 
 # The two normalisations of the fused DINOv2 + SigLIP tower, in tower order (DESIGN.md).
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -39,14 +40,31 @@ class MLMambaProcessor(ProcessorMixin):
             3 channels per tower (`DINO_SIGLIP_NORMALIZATIONS` for ML-Mamba and Cobra).
         max_prompt_length (`int`, *optional*): prompts longer than this (image tokens included) are rejected with
             a `ValueError` instead of being silently truncated through the image tokens.
+        num_frame_tokens (`int`, *optional*): tokens per video frame, i.e. `model.config.num_video_frame_tokens`;
+            set for a model with video support (``config.video_token_id``), which adds ``video_token`` to the
+            tokenizer. Each `<video>` placeholder then expands to its sampled frames, each ``frame_template``
+            (formatted with ``index`` and ``time`` in seconds; default none) followed by ``num_frame_tokens``
+            video tokens, and the frames come out as ``pixel_values_videos``.
+        video_token (`str`, defaults to `"<video>"`).
+        frame_template (`str`, *optional*): text before each frame's tokens, e.g. ``"{time:.1f}s: "``.
+
+    Videos (``videos=``, or ``{"type": "video", "video"/"path": ...}`` items in a chat) are file paths (decoded with
+    PyAV), lists of frames or 4-D arrays; ``num_frames=`` or ``fps=`` samples them evenly (``video_fps=`` gives the
+    frame rate of frames passed as arrays); ``return_video_timestamps=True`` returns the sampled times.
     """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, num_image_tokens=None,
-                 image_token="<image>", image_normalizations=None, max_prompt_length=None, **kwargs):
+                 image_token="<image>", image_normalizations=None, max_prompt_length=None, num_frame_tokens=None,
+                 video_token="<video>", frame_template=None, **kwargs):
         if tokenizer is None:
             raise ValueError("MLMambaProcessor needs a `tokenizer`.")
         if image_token not in tokenizer.get_vocab():
             tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
+        if num_frame_tokens is not None:
+            if not isinstance(num_frame_tokens, int) or num_frame_tokens < 1:
+                raise ValueError(f"`num_frame_tokens` must be a positive int, got {num_frame_tokens!r}.")
+            if video_token not in tokenizer.get_vocab():
+                tokenizer.add_tokens([AddedToken(video_token, special=True, normalized=False)], special_tokens=True)
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -57,6 +75,9 @@ class MLMambaProcessor(ProcessorMixin):
         self.num_image_tokens = num_image_tokens
         self.image_normalizations = image_normalizations
         self.max_prompt_length = max_prompt_length
+        self.num_frame_tokens, self.frame_template = num_frame_tokens, frame_template
+        self.video_placeholder = video_token  # not `video_token`: ProcessorMixin would expand that one itself
+        self.video_token_id = tokenizer.convert_tokens_to_ids(video_token) if num_frame_tokens is not None else None
         super().__init__(image_processor, tokenizer,
                          chat_template=chat_template if chat_template is not None else ZEPHYR_CHAT_TEMPLATE)
 
@@ -83,6 +104,8 @@ class MLMambaProcessor(ProcessorMixin):
                                                    image_mean=mean, image_std=std)
         if fused and image_normalizations is None:
             image_normalizations = DINO_SIGLIP_NORMALIZATIONS
+        if getattr(config, "video_token_id", None) is not None:
+            kwargs.setdefault("num_frame_tokens", config.num_video_frame_tokens)
         processor = cls(image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=config.num_image_tokens,
                         image_normalizations=image_normalizations if fused else None, **kwargs)
         if config.image_token_id is not None and config.image_token_id != processor.image_token_id:
@@ -97,15 +120,73 @@ class MLMambaProcessor(ProcessorMixin):
                              f"config.text_config.vocab_size (preset_config(..., tokenizer=tokenizer) does).")
         return processor
 
-    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
-        """`processor(images=..., text=...)`: text is a string or a list (one per sample); images a list in
-        placeholder order, or one list per sample (then each sample's count is checked)."""
+    def __call__(self, images=None, text=None, videos=None, audio=None, num_frames=None, fps=None, video_fps=None,
+                 return_video_timestamps=False, **kwargs):
+        """`processor(images=..., text=..., videos=...)`: text is a string or a list (one per sample); images and
+        videos a list in placeholder order, or one list per sample (then each sample's count is checked)."""
         if images is not None:
             images = map_images(images)
-        outputs = super().__call__(images=images, text=text, videos=videos, audio=audio, **kwargs)
+        frames = timestamps = None
+        if videos is not None:
+            text, frames, timestamps = self._expand_videos(text, videos, num_frames, fps, video_fps)
+        elif text is not None and self.num_frame_tokens is not None:
+            texts = [text] if isinstance(text, str) else text
+            if any(self.video_placeholder in sample for sample in texts):
+                raise ValueError(f"The text holds {self.video_placeholder} placeholders but no `videos` were given.")
+        outputs = super().__call__(images=images, text=text, audio=audio, **kwargs)
+        if frames is not None:
+            outputs["pixel_values_videos"] = self._pixels(frames)
+            if return_video_timestamps:
+                outputs["video_timestamps"] = timestamps
         if self.max_prompt_length is not None and "input_ids" in outputs:
             self._check_prompt_lengths(outputs)
         return outputs
+
+    def _expand_videos(self, text, videos, num_frames, fps, video_fps):
+        """Each `<video>` placeholder -> its frames' tokens; returns (text, all frames in order, timestamps per
+        video)."""
+        if self.num_frame_tokens is None:
+            raise ValueError("This processor has no video support: build it with `num_frame_tokens=model.config."
+                             "num_video_frame_tokens` (a model whose config has a `video_token_id`).")
+        if text is None:
+            raise ValueError("`videos` need a `text` with one video placeholder per video.")
+        texts = [text] if isinstance(text, str) else list(text)
+        if _is_video(videos) and (not isinstance(videos, (list, tuple)) or _is_frame(videos[0])):
+            videos = [videos]  # a single video
+        per_sample = len(videos) == len(texts) and all(
+            isinstance(sample, (list, tuple)) and all(_is_video(video) for video in sample) for sample in videos)
+        if per_sample:
+            for index, (sample, sample_videos) in enumerate(zip(texts, videos)):
+                found = sample.count(self.video_placeholder)
+                if found != len(sample_videos):
+                    raise ValueError(f"Sample {index} has {found} {self.video_placeholder} placeholder(s) but "
+                                     f"{len(sample_videos)} video(s); put one placeholder in the text for each video.")
+            flat = [video for sample in videos for video in sample]
+        else:
+            flat = list(videos)
+            found = sum(sample.count(self.video_placeholder) for sample in texts)
+            if found != len(flat):
+                raise ValueError(f"The text holds {found} {self.video_placeholder} placeholder(s) but {len(flat)} "
+                                 f"video(s) were given; put one placeholder in the text for each video.")
+        loaded = [load_video(video, num_frames, fps, video_fps, name=f"videos[{index}]")
+                  for index, video in enumerate(flat)]  # everything is read before anything is built
+        pieces, expanded = iter(loaded), []
+        for sample in texts:
+            parts = sample.split(self.video_placeholder)
+            out = parts[0]
+            for part in parts[1:]:
+                _, times = next(pieces)
+                out += "".join((self.frame_template or "").format(index=i, time=t)
+                               + self.video_placeholder * self.num_frame_tokens for i, t in enumerate(times)) + part
+            expanded.append(out)
+        frames = [frame for video_frames, _ in loaded for frame in video_frames]
+        return (expanded[0] if isinstance(text, str) else expanded), frames, [times for _, times in loaded]
+
+    def _pixels(self, images) -> torch.Tensor:
+        """``pixel_values`` of ``images`` as the model reads them (per-tower normalisations for a fused tower)."""
+        if not self.image_normalizations:
+            return self.image_processor(images, return_tensors="pt")["pixel_values"]
+        return self._process_images(images)[0]["pixel_values"]
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
         if text is not None and images is not None and isinstance(images, list) and len(images) == len(text) \
@@ -153,7 +234,22 @@ class MLMambaProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self):
-        return ["input_ids", "attention_mask", "pixel_values"]
+        names = ["input_ids", "attention_mask", "pixel_values"]
+        return names + ["pixel_values_videos"] if self.num_frame_tokens is not None else names
+
+
+def _is_frame(value) -> bool:
+    """A PIL image or a 3-D array / tensor."""
+    return hasattr(value, "shape") and len(value.shape) == 3 or hasattr(value, "getpixel")
+
+
+def _is_video(value) -> bool:
+    """A path, a 4-D array / tensor of frames, or a non-empty list of frames."""
+    if isinstance(value, str):
+        return True
+    if hasattr(value, "shape"):
+        return len(value.shape) == 4
+    return isinstance(value, (list, tuple)) and bool(value) and all(_is_frame(frame) for frame in value)
 
 
 __all__ = ["MLMambaProcessor", "DINO_SIGLIP_NORMALIZATIONS"]

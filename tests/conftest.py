@@ -22,6 +22,7 @@ COMPAT_MODULES = {
     "test_hub_roundtrip.py",
     "test_training.py",
     "test_chat_state.py",
+    "test_video.py",
 }
 
 

@@ -1,0 +1,130 @@
+"""Videos and many images in one prompt: the processor's `<video>` placeholder and frame sampling (lists, arrays,
+files decoded with PyAV, chat templates), clear errors for bad input, and the model's video path (frames encoded
+`vision_batch_size` at a time, pooled per `video_frame_pool`) against the image path it is built from."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import SiglipImageProcessor
+from utils import IMAGE_SIZE, digit_images, tiny_config, tokenizer
+
+from modeling_ml_mamba import MLMambaForConditionalGeneration, MLMambaProcessor
+from ml_mamba.processing.ml_mamba_video_utils import load_video, sample_indices
+
+
+def video_model(pool: int = 1, text: str = "mamba2", seed: int = 0, **overrides):
+    tok = tokenizer()
+    config = tiny_config("mlp", text=text, video_frame_pool=pool, **overrides).fit_tokenizer(tok, video_token="<video>")
+    torch.manual_seed(seed)
+    model = MLMambaForConditionalGeneration(config).eval()
+    image_processor = SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return model, MLMambaProcessor.from_config(config, tok, image_processor=image_processor)
+
+
+def test_sampling_is_even_and_bad_counts_are_refused():
+    assert sample_indices(10, num_frames=5) == [1, 3, 5, 7, 9]
+    assert sample_indices(10, num_frames=1) == [5]
+    assert sample_indices(12, fps=2, source_fps=4) == [0, 2, 4, 6, 8, 10]
+    assert sample_indices(3) == [0, 1, 2]
+    with pytest.raises(ValueError, match="num_frames=8 but video has only 4 frames"):
+        sample_indices(4, num_frames=8)
+    with pytest.raises(ValueError, match="has no frames"):
+        sample_indices(0)
+    with pytest.raises(ValueError, match="not both"):
+        sample_indices(4, num_frames=2, fps=1, source_fps=4)
+    with pytest.raises(ValueError, match="video_fps"):
+        sample_indices(4, fps=1)
+
+
+def test_processor_expands_a_video_into_frame_tokens_with_timestamps():
+    model, processor = video_model(pool=2)
+    assert model.config.num_video_frame_tokens == 4  # a 4x4 grid pooled 2x2
+    processor.frame_template = "{time:.1f}s:"
+    frames = digit_images(6)
+    out = processor(text="<video>Which digits?", videos=frames, num_frames=3, video_fps=2.0,
+                    return_video_timestamps=True, return_tensors="pt")
+    assert out["pixel_values_videos"].shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert out["video_timestamps"] == [[0.5, 1.5, 2.5]]
+    ids = out["input_ids"][0]
+    assert int((ids == processor.video_token_id).sum()) == 3 * 4
+    text = processor.decode(ids)
+    assert text.index("0.5s:") < text.index("1.5s:") < text.index("2.5s:")
+    # a 4-D array and a tensor of frames are videos too
+    array = np.stack([np.asarray(frame) for frame in frames])
+    for video in (array, torch.from_numpy(array).permute(0, 3, 1, 2)):
+        again = processor(text="<video>Which digits?", videos=video, num_frames=3, return_tensors="pt")
+        torch.testing.assert_close(again["pixel_values_videos"], out["pixel_values_videos"])
+
+
+def test_bad_video_input_gets_a_clear_error(tmp_path):
+    _, processor = video_model()
+    frames = digit_images(4)
+    cases = [
+        (dict(text="<video>Q", videos=frames, num_frames=9), "num_frames=9 but videos\\[0\\] has only 4 frames"),
+        (dict(text="<video>Q", videos=np.zeros((0, 8, 8, 3), np.uint8)), "videos\\[0\\] has no frames"),
+        (dict(text="<video><video>Q", videos=[frames]), "2 <video> placeholder\\(s\\) but 1 video"),
+        (dict(text="Q", videos=[frames]), "0 <video> placeholder\\(s\\) but 1 video"),
+        (dict(text="<video>Q"), "no `videos` were given"),
+        (dict(text="<video>Q", videos=str(tmp_path / "missing.mp4")), "no video file at"),
+    ]
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video at all")
+    cases.append((dict(text="<video>Q", videos=str(broken)), "could not decode the video"))
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            processor(**kwargs)
+
+
+def test_a_video_file_is_decoded_and_sampled(tmp_path):
+    av = pytest.importorskip("av")
+    path = str(tmp_path / "digits.mp4")
+    with av.open(path, "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width = stream.height = IMAGE_SIZE
+        stream.pix_fmt = "yuv420p"
+        for image in digit_images(12):
+            container.mux(stream.encode(av.VideoFrame.from_image(image)))
+        container.mux(stream.encode())
+    frames, times = load_video(path, num_frames=4)
+    assert len(frames) == 4 and times == pytest.approx([0.25, 1.0, 1.75, 2.5])
+    frames, times = load_video("file://" + path, fps=2)
+    assert len(frames) == 6 and times == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0, 2.5])
+    _, processor = video_model()
+    chat = [{"role": "user", "content": [{"type": "video", "path": path}, {"type": "text", "text": "Which?"}]}]
+    out = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                        return_tensors="pt", processor_kwargs={"num_frames": 3})
+    assert out["pixel_values_videos"].shape[0] == 3
+
+
+def test_video_frames_are_images_to_the_model_and_images_interleave():
+    """With pooling off, a video's frames give exactly the logits of the same frames passed as images; images and
+    a video interleave in one prompt; generation runs."""
+    model, processor = video_model()
+    frames, picture = digit_images(3), digit_images(1, start=5)[0]
+    as_video = processor(text="<image>Look.<video>Which digits?", images=[picture], videos=[frames],
+                         return_tensors="pt")
+    as_images = processor(text="<image>Look.<image><image><image>Which digits?", images=[picture, *frames],
+                          return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**as_video).logits, model(**as_images).logits)
+    generated = model.generate(**as_video, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == as_video["input_ids"].shape[1] + 3
+    chat = [{"role": "user", "content": [{"type": "image", "image": picture}, {"type": "video", "video": frames},
+                                         {"type": "text", "text": "Which digits?"}]}]
+    templated = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                              return_tensors="pt")
+    assert templated["pixel_values_videos"].shape[0] == 3 and templated["pixel_values"].shape[0] == 1
+
+
+def test_frames_are_encoded_in_bounded_batches_and_pooled():
+    model, processor = video_model(pool=2, vision_batch_size=2)
+    pixels = processor(text="<video>Q", videos=[digit_images(5)], return_tensors="pt")["pixel_values_videos"]
+    with torch.no_grad():
+        pooled = model.model.get_video_features(pixels)
+        model.config.vision_batch_size = 100  # all at once: the reference
+        full = model.model.get_image_features(pixels).pooler_output
+    grid = full.transpose(1, 2).reshape(5, -1, 4, 4)
+    expected = torch.nn.functional.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="video_frame_pool must be a positive int"):
+        tiny_config("mlp", video_frame_pool=0)
