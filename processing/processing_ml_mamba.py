@@ -76,8 +76,11 @@ class MLMambaProcessor(ProcessorMixin):
         self.image_normalizations = image_normalizations
         self.max_prompt_length = max_prompt_length
         self.num_frame_tokens, self.frame_template = num_frame_tokens, frame_template
-        self.video_placeholder = video_token  # not `video_token`: ProcessorMixin would expand that one itself
+        # ProcessorMixin expands `video_token` with what `_process_videos` returns (and tracks the offsets, which
+        # TRL's assistant-only loss needs); without video support the model has none.
+        self.video_token = video_token if num_frame_tokens is not None else None
         self.video_token_id = tokenizer.convert_tokens_to_ids(video_token) if num_frame_tokens is not None else None
+        self._video_times = []
         super().__init__(image_processor, tokenizer,
                          chat_template=chat_template if chat_template is not None else ZEPHYR_CHAT_TEMPLATE)
 
@@ -126,26 +129,31 @@ class MLMambaProcessor(ProcessorMixin):
         videos a list in placeholder order, or one list per sample (then each sample's count is checked)."""
         if images is not None:
             images = map_images(images)
-        frames = timestamps = None
+        loaded = None
         if videos is not None:
-            text, frames, timestamps = self._expand_videos(text, videos, num_frames, fps, video_fps)
-        elif text is not None and self.num_frame_tokens is not None:
+            loaded = self._load_videos(text, videos, num_frames, fps, video_fps)
+            self._video_times = [times for _, times in loaded]  # read by `_process_videos` during this call
+        elif text is not None and self.video_token is not None:
             texts = [text] if isinstance(text, str) else text
-            if any(self.video_placeholder in sample for sample in texts):
-                raise ValueError(f"The text holds {self.video_placeholder} placeholders but no `videos` were given.")
-        outputs = super().__call__(images=images, text=text, audio=audio, **kwargs)
-        if frames is not None:
-            outputs["pixel_values_videos"] = self._pixels(frames)
-            if return_video_timestamps:
-                outputs["video_timestamps"] = timestamps
+            if any(self.video_token in sample for sample in texts):
+                raise ValueError(f"The text holds {self.video_token} placeholders but no `videos` were given.")
+        outputs = super().__call__(images=images, text=text, audio=audio, **kwargs,
+                                   videos=[frames for frames, _ in loaded] if loaded else None)
+        if loaded and return_video_timestamps:
+            outputs["video_timestamps"] = [times for _, times in loaded]
         if self.max_prompt_length is not None and "input_ids" in outputs:
             self._check_prompt_lengths(outputs)
         return outputs
 
-    def _expand_videos(self, text, videos, num_frames, fps, video_fps):
-        """Each `<video>` placeholder -> its frames' tokens; returns (text, all frames in order, timestamps per
-        video)."""
-        if self.num_frame_tokens is None:
+    @property
+    def video_processor(self):
+        """None: frames go through the image processor (`_process_videos`); present so that ProcessorMixin
+        hands videos to it."""
+        return None
+
+    def _load_videos(self, text, videos, num_frames, fps, video_fps) -> list[tuple[list, list[float]]]:
+        """(frames, timestamps) per video, in placeholder order, after checking placeholders against videos."""
+        if self.video_token is None:
             raise ValueError("This processor has no video support: build it with `num_frame_tokens=model.config."
                              "num_video_frame_tokens` (a model whose config has a `video_token_id`).")
         if text is None:
@@ -157,30 +165,27 @@ class MLMambaProcessor(ProcessorMixin):
             isinstance(sample, (list, tuple)) and all(_is_video(video) for video in sample) for sample in videos)
         if per_sample:
             for index, (sample, sample_videos) in enumerate(zip(texts, videos)):
-                found = sample.count(self.video_placeholder)
+                found = sample.count(self.video_token)
                 if found != len(sample_videos):
-                    raise ValueError(f"Sample {index} has {found} {self.video_placeholder} placeholder(s) but "
+                    raise ValueError(f"Sample {index} has {found} {self.video_token} placeholder(s) but "
                                      f"{len(sample_videos)} video(s); put one placeholder in the text for each video.")
             flat = [video for sample in videos for video in sample]
         else:
             flat = list(videos)
-            found = sum(sample.count(self.video_placeholder) for sample in texts)
+            found = sum(sample.count(self.video_token) for sample in texts)
             if found != len(flat):
-                raise ValueError(f"The text holds {found} {self.video_placeholder} placeholder(s) but {len(flat)} "
+                raise ValueError(f"The text holds {found} {self.video_token} placeholder(s) but {len(flat)} "
                                  f"video(s) were given; put one placeholder in the text for each video.")
-        loaded = [load_video(video, num_frames, fps, video_fps, name=f"videos[{index}]")
-                  for index, video in enumerate(flat)]  # everything is read before anything is built
-        pieces, expanded = iter(loaded), []
-        for sample in texts:
-            parts = sample.split(self.video_placeholder)
-            out = parts[0]
-            for part in parts[1:]:
-                _, times = next(pieces)
-                out += "".join((self.frame_template or "").format(index=i, time=t)
-                               + self.video_placeholder * self.num_frame_tokens for i, t in enumerate(times)) + part
-            expanded.append(out)
-        frames = [frame for video_frames, _ in loaded for frame in video_frames]
-        return (expanded[0] if isinstance(text, str) else expanded), frames, [times for _, times in loaded]
+        return [load_video(video, num_frames, fps, video_fps, name=f"videos[{index}]")
+                for index, video in enumerate(flat)]
+
+    def _process_videos(self, videos, **kwargs):
+        """``pixel_values_videos`` (every frame of every video, in order) and each video's expansion: per frame,
+        ``frame_template`` and ``num_frame_tokens`` video tokens."""
+        replacements = ["".join((self.frame_template or "").format(index=i, time=t)
+                                + self.video_token * self.num_frame_tokens for i, t in enumerate(times))
+                        for times in self._video_times]
+        return {"pixel_values_videos": self._pixels([frame for frames in videos for frame in frames])}, replacements
 
     def _pixels(self, images) -> torch.Tensor:
         """``pixel_values`` of ``images`` as the model reads them (per-tower normalisations for a fused tower)."""

@@ -128,3 +128,34 @@ def test_frames_are_encoded_in_bounded_batches_and_pooled():
     torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="video_frame_pool must be a positive int"):
         tiny_config("mlp", video_frame_pool=0)
+
+
+def test_training_takes_video_samples(tmp_path):
+    """`build_trainer` (TRL's SFTTrainer and collator) trains on samples whose user turn holds a video; the loss is
+    on the answers and the weights move."""
+    from datasets import Dataset, Image, List
+
+    from ml_mamba.training.arguments import MLMambaSFTConfig
+    from ml_mamba.training.train import build_trainer
+
+    model, processor = video_model(pool=2, seed=1)
+    rows = []
+    for start in range(6):
+        rows.append({"messages": [{"role": "user", "content": [{"type": "text", "text": "Which digits?"},
+                                                                {"type": "video"}]},
+                                  {"role": "assistant", "content": [{"type": "text", "text": "seven"}]}],
+                     "images": [], "videos": [digit_images(2 + start % 3, start=start)]})
+    dataset = Dataset.from_list(rows).cast_column("videos", List(List(Image())))
+    args = MLMambaSFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=3,
+                            learning_rate=1e-2, report_to="none", save_strategy="no", logging_steps=1)
+    before = model.model.connector.state_dict()
+    before = {name: tensor.clone() for name, tensor in before.items()}
+    trainer = build_trainer(model, processor, args, dataset)
+    batch = trainer.data_collator([dataset[0], dataset[1]])
+    assert batch["pixel_values_videos"].shape[0] == 2 + 3  # both samples' frames
+    for labels in batch["labels"]:  # the loss is on the answer (and its end of turn) only, not on frame tokens
+        assert processor.decode(labels[labels != -100]) == "seven<|endoftext|>"
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry)
+    after = model.model.connector.state_dict()
+    assert any(not torch.equal(before[name], after[name]) for name in before)  # frames reach the connector's grads

@@ -370,3 +370,33 @@ def _load_named_dataset(name: str, config: str | None, split: str):
             dataset = dataset[split]
         return dataset
     return load_dataset(name, config, split=split)
+
+
+class VideoSampleCollator:
+    """Wraps TRL's vision-language collator for samples with videos: a ``videos`` column (per sample, one list of
+    frames per ``{"type": "video"}`` item of its messages, in order) is put into those items, and the processor's
+    chat template then expands each to its frames (``pixel_values_videos``). Samples without videos pass as they
+    are. TRL (1.16) knows images only; this is the smallest addition that keeps its collator, loss and padding."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples):
+        return self.collator([with_videos(example) for example in examples])
+
+
+def with_videos(example: dict) -> dict:
+    """``example`` with its ``videos`` moved into the messages' video items (a copy; the dataset is untouched)."""
+    videos = list(example.get("videos") or [])
+    if not videos:
+        return {key: value for key, value in example.items() if key != "videos"}
+    messages = []
+    for message in example["messages"]:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [dict(item, video=videos.pop(0)) if item.get("type") == "video" and videos else item
+                       for item in content]
+        messages.append({**message, "content": content})
+    if videos:
+        raise BadSampleError(f"{len(videos)} video(s) more than the messages' video items")
+    return {**{key: value for key, value in example.items() if key != "videos"}, "messages": messages}

@@ -1,6 +1,7 @@
 """The offline demo: train a small ML-Mamba from scratch to answer questions about handwritten digits, on a CPU.
 
     pip install -e ".[train]" && ml-mamba-demo            # or: python -m ml_mamba.training.digits_demo
+    ml-mamba-demo --task video                            # the video demo (training/video_demo.py)
 
 scikit-learn's 1,797 8x8 handwritten digits become visual question answering with four question types that can
 only be answered by reading the question *after* the image (the model folds the image into its state first):
@@ -305,6 +306,20 @@ def _report(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if argv is None:
+        import sys
+
+        argv = sys.argv[1:]
+    if "--task" in argv:  # `ml-mamba-demo --task video`: the video demo (training/video_demo.py)
+        position = argv.index("--task")
+        task = argv[position + 1] if position + 1 < len(argv) else None
+        argv = argv[:position] + argv[position + 2:]
+        if task == "video":
+            from .video_demo import main as video_main
+
+            return video_main(argv)
+        if task != "image":
+            raise SystemExit(f"ml-mamba-demo: --task must be 'image' (default) or 'video', got {task!r}")
     defaults = DemoSettings()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default=defaults.output_dir)

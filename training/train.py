@@ -21,7 +21,7 @@ import transformers
 from transformers.trainer_utils import get_last_checkpoint
 
 from .arguments import DataArguments, MLMambaSFTConfig, ModelArguments
-from .data import load_training_data
+from .data import VideoSampleCollator, load_training_data
 from .models import apply_stage, load_model_and_processor, lora_config
 
 logger = logging.getLogger("ml_mamba.training")
@@ -73,8 +73,17 @@ def build_trainer(model, processor, training_args: MLMambaSFTConfig, train_datas
     if processor.image_token_id != model.config.image_token_id:
         raise ValueError(f"The processor's <image> id ({processor.image_token_id}) differs from the model's "
                          f"config.image_token_id ({model.config.image_token_id}); they must come from the same model.")
-    return SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                      processing_class=processor, peft_config=peft_config, callbacks=callbacks)
+    videos = "videos" in (getattr(train_dataset, "column_names", None) or [])
+    if videos:
+        if getattr(model.config, "video_token_id", None) is None:
+            raise ValueError("The dataset has a 'videos' column but the model has no video support: set "
+                             "config.video_token_id (MLMambaConfig.fit_tokenizer(tokenizer, video_token='<video>')).")
+        training_args.remove_unused_columns = False  # TRL would drop the 'videos' column it does not know
+    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processor, peft_config=peft_config, callbacks=callbacks)
+    if videos:
+        trainer.data_collator = VideoSampleCollator(trainer.data_collator)
+    return trainer
 
 
 def base_model_ids(model_args: ModelArguments) -> list[str] | None:

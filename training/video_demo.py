@@ -1,0 +1,231 @@
+"""The offline video demo: "videos" of 4-16 handwritten digits, with questions that need more than one frame.
+
+    ml-mamba-demo --task video          # or: python -m ml_mamba.training.video_demo
+
+Each video is a sequence of scikit-learn digits (train and held-out videos are built from disjoint digit images,
+the split of the image demo). Three question types, each needing several frames:
+
+* "How many odd digits are shown?"                 -> "3"
+* "Which digit comes right after the seven?"       -> "four"   (the named digit appears once, not last)
+* "What is the sum of the first and last digits?"  -> "11"
+
+The question comes before the video (``[question, <video>]`` in the user turn), so the recurrent state knows what to
+keep while it reads the frames. Same small ML-Mamba as the image demo, with video support (``video_token_id``),
+trained from scratch by TRL's `SFTTrainer` through ``build_trainer`` (video samples in a ``videos`` column); then
+saved, reloaded with the Auto classes and scored on held-out videos per question type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .digits_demo import NUMBER_WORDS, DemoSettings, demo_tokenizer, digit_image, is_correct, split_digits
+
+QUESTION_TYPES = ("count_odd", "after", "first_plus_last")
+
+
+@dataclass
+class VideoDemoSettings(DemoSettings):
+    output_dir: str = "outputs/video-demo"
+    epochs: float = 3.0
+    train_videos: int = 12000
+    held_out_videos: int = 600
+    min_frames: int = 4
+    max_frames: int = 16
+    hidden_size: int = 96
+
+
+def make_question(labels: list[int], kind: str, rng: random.Random) -> tuple[str, str] | None:
+    """(question, answer) of type ``kind`` about a video whose frames show ``labels``; None if it does not apply."""
+    if kind == "count_odd":
+        return "How many odd digits are shown?", str(sum(label % 2 for label in labels))
+    if kind == "first_plus_last":
+        return "What is the sum of the first and last digits?", str(labels[0] + labels[-1])
+    candidates = [d for d in set(labels[:-1]) if labels.count(d) == 1]
+    if not candidates:
+        return None
+    digit = rng.choice(sorted(candidates))
+    return f"Which digit comes right after the {NUMBER_WORDS[digit]}?", NUMBER_WORDS[labels[labels.index(digit) + 1]]
+
+
+def make_videos(images, labels, indices, count: int, settings: VideoDemoSettings, seed: int) -> list[dict]:
+    """``count`` samples: frames (digit image indices), their labels, one question of a rotating type, the answer."""
+    rng = random.Random(seed)
+    pool = list(indices)
+    samples = []
+    while len(samples) < count:
+        length = rng.randint(settings.min_frames, settings.max_frames)
+        frames = [int(rng.choice(pool)) for _ in range(length)]
+        frame_labels = [int(labels[i]) for i in frames]
+        kind = QUESTION_TYPES[len(samples) % len(QUESTION_TYPES)]
+        qa = make_question(frame_labels, kind, rng)
+        if qa is not None:
+            samples.append({"frames": frames, "labels": frame_labels, "question_type": kind,
+                            "question": qa[0], "answer": qa[1]})
+    return samples
+
+
+def chat(question: str, answer: str | None = None) -> list[dict]:
+    """The question, then the video; the answer for training."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": question}, {"type": "video"}]}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+def video_tokenizer():
+    """The image demo's tokenizer, trained on the video questions and answers too."""
+    from ml_mamba.processing.ml_mamba_tokenizers import train_bpe_tokenizer
+
+    from .digits_demo import QUESTIONS
+
+    questions = ["How many odd digits are shown?", "What is the sum of the first and last digits?"] + [
+        f"Which digit comes right after the {word}?" for word in NUMBER_WORDS]
+    answers = list(NUMBER_WORDS) + [str(n) for n in range(19)]
+    corpus = questions + answers + [q for q, _ in QUESTIONS.values()] + [" ".join(answers)]
+    return train_bpe_tokenizer(corpus * 20, vocab_size=360)
+
+
+def video_model(tokenizer, settings: VideoDemoSettings):
+    """(model, processor): the image demo's ML-Mamba with video support."""
+    from modeling_ml_mamba import MLMambaConfig, MLMambaForConditionalGeneration, MLMambaProcessor
+
+    hidden = settings.hidden_size
+    config = MLMambaConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=hidden, intermediate_size=2 * hidden,
+                           num_hidden_layers=2, num_attention_heads=4, image_size=8, patch_size=settings.patch_size),
+        text_config=dict(model_type="mamba2", hidden_size=hidden, num_hidden_layers=2, num_heads=2 * hidden // 16,
+                         head_dim=16, state_size=16, n_groups=1, expand=2, chunk_size=64, vocab_size=8,
+                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=0, eos_token_id=0),
+        connector_type="msc", connector_scan="bidirectional", connector_num_blocks=1, connector_chunk_size=16,
+        image_size=8, vision_feature_layer=-1, initializer_range=0.1, vision_batch_size=512,
+    ).fit_tokenizer(tokenizer, video_token="<video>")
+    from transformers import SiglipImageProcessor
+
+    processor = MLMambaProcessor.from_config(config, tokenizer, image_processor=SiglipImageProcessor(
+        size={"height": 8, "width": 8}))
+    torch.manual_seed(settings.seed)
+    return MLMambaForConditionalGeneration(config), processor
+
+
+def training_dataset(images, samples: list[dict]):
+    from datasets import Dataset
+
+    # An (empty) "images" column marks the dataset as vision-language for TRL, which then leaves tokenizing to
+    # the collator (our `VideoSampleCollator` around TRL's).
+    rows = [{"messages": chat(s["question"], s["answer"]), "images": [],
+             "videos": [[digit_image(images[i]) for i in s["frames"]]]} for s in samples]
+    from datasets import Image, List
+
+    return Dataset.from_list(rows).cast_column("videos", List(List(Image())))  # frames read back as PIL images
+
+
+@torch.no_grad()
+def answer_videos(model, processor, videos: list[list], questions: list[str], batch_size: int = 200,
+                  progress: bool = True) -> list[str]:
+    """Greedy answers (``max_new_tokens=4``) to ``questions`` about ``videos`` (lists of frames), batched."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    predictions = []
+    for start in tqdm(range(0, len(questions), batch_size), desc="Answering held-out videos", disable=not progress):
+        texts = [processor.apply_chat_template(chat(q), add_generation_prompt=True, tokenize=False)
+                 for q in questions[start:start + batch_size]]
+        batch_videos = [[video] for video in videos[start:start + batch_size]]
+        inputs = processor(videos=batch_videos, text=texts, padding=True, return_tensors="pt")
+        output = model.generate(**inputs, do_sample=False, max_new_tokens=4)
+        predictions += processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return predictions
+
+
+def score(samples: list[dict], predictions: list[str]) -> dict:
+    per_type: dict[str, list[bool]] = {}
+    for sample, prediction in zip(samples, predictions):
+        per_type.setdefault(sample["question_type"], []).append(is_correct(prediction, sample["answer"]))
+    every = [ok for oks in per_type.values() for ok in oks]
+    return {"overall": sum(every) / len(every), "per_type": {k: sum(v) / len(v) for k, v in per_type.items()},
+            "num_examples": len(every)}
+
+
+def run_video_demo(settings: VideoDemoSettings) -> dict:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .arguments import MLMambaSFTConfig
+    from .train import build_trainer
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(settings.threads)
+    started = time.perf_counter()
+    images, labels, train_idx, held_idx = split_digits(settings.held_out_fraction, settings.seed)
+    train = make_videos(images, labels, train_idx, settings.train_videos, settings, settings.seed)
+    held = make_videos(images, labels, held_idx, settings.held_out_videos, settings, settings.seed + 1)
+    tokenizer = video_tokenizer()
+    model, processor = video_model(tokenizer, settings)
+    print(f"Video digits: {len(train)} training videos ({settings.min_frames}-{settings.max_frames} frames, "
+          f"{len(train_idx)} digit images), {len(held)} held-out videos of {len(held_idx)} other images; "
+          f"{model.num_parameters():,} parameters, {model.config.num_video_frame_tokens} tokens per frame.")
+    args = MLMambaSFTConfig(
+        output_dir=settings.output_dir, num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size, learning_rate=settings.learning_rate,
+        lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=settings.weight_decay, max_grad_norm=1.0,
+        logging_steps=100, save_strategy="no", report_to="none", seed=settings.seed,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=settings.dataloader_workers)
+    trainer = build_trainer(model, processor, args, training_dataset(images, train))
+    train_start = time.perf_counter()
+    trainer.train()
+    train_time = time.perf_counter() - train_start
+    trainer.model.save_pretrained(settings.output_dir)
+    processor.save_pretrained(settings.output_dir)
+
+    reloaded = AutoModelForImageTextToText.from_pretrained(settings.output_dir, trust_remote_code=True)
+    reloaded_processor = AutoProcessor.from_pretrained(settings.output_dir, trust_remote_code=True)
+    videos = [[digit_image(images[i]) for i in sample["frames"]] for sample in held]
+    predictions = answer_videos(reloaded, reloaded_processor, videos, [s["question"] for s in held])
+    results = score(held, predictions)
+    os.makedirs(os.path.join(settings.output_dir, "eval"), exist_ok=True)
+    with open(os.path.join(settings.output_dir, "eval", "video_digits.jsonl"), "w") as handle:
+        for sample, prediction in zip(held, predictions):
+            handle.write(json.dumps({**sample, "prediction": prediction}) + "\n")
+    results.update(train_time_s=train_time, total_time_s=time.perf_counter() - started,
+                   steps=trainer.state.global_step, output_dir=os.path.abspath(settings.output_dir))
+    with open(os.path.join(settings.output_dir, "eval", "demo_results.json"), "w") as handle:
+        json.dump(results, handle, indent=2)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    defaults = VideoDemoSettings()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default=defaults.output_dir)
+    parser.add_argument("--epochs", type=float, default=defaults.epochs)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--train-videos", type=int, default=defaults.train_videos)
+    parser.add_argument("--held-out-videos", type=int, default=defaults.held_out_videos)
+    args = parser.parse_args(argv)
+    settings = VideoDemoSettings(output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size,
+                                 learning_rate=args.learning_rate, threads=args.threads, seed=args.seed,
+                                 train_videos=args.train_videos, held_out_videos=args.held_out_videos)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    results = run_video_demo(settings)
+    print(f"\nHeld-out exact match ({results['num_examples']} questions on videos of unseen digit images): "
+          f"{results['overall']:.2%}")
+    for kind, value in results["per_type"].items():
+        print(f"  {kind:<16} {value:.2%}")
+    print(f"Training time: {results['train_time_s']:.0f} s ({results['steps']} steps); model folder: "
+          f"{results['output_dir']}")
+
+
+if __name__ == "__main__":
+    main()
