@@ -133,7 +133,7 @@ class MLMambaConfig(PreTrainedConfig):
             (``pixel_values_videos``, see `MLMambaProcessor`).
         video_frame_pool (`int`, defaults to 1): a video frame's token grid is average-pooled by this factor per
             side (2: 729 -> 196 tokens a frame), so long videos fit; images keep every token.
-        vision_batch_size (`int`, defaults to 16): images or frames per vision-tower + connector call, which bounds
+        vision_batch_size (`int`, defaults to 4): images or frames per vision-tower + connector call, which bounds
             the vision side's memory however many a prompt holds.
 
     Example:
@@ -179,7 +179,7 @@ class MLMambaConfig(PreTrainedConfig):
     decode_implementation: str = "static"
     video_token_id: int | None = None
     video_frame_pool: int = 1
-    vision_batch_size: int = 16
+    vision_batch_size: int = 4
 
     def __post_init__(self, **kwargs):
         if isinstance(self.vision_config, (list, tuple)):

@@ -58,6 +58,10 @@ class MLMambaPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _is_stateful = True  # a recurrent cache cannot be rolled back: no assisted decoding
     _skip_keys_device_placement = ["cache", "cache_params", "past_key_values"]
+    # Units that are never split across devices or FSDP shards (accelerate's TRANSFORMER_BASED_WRAP and
+    # `device_map="auto"` read this): each LM block, each vision layer, each scan-connector block.
+    _no_split_modules = ["Mamba2Block", "MambaBlock", "SiglipEncoderLayer", "CLIPEncoderLayer", "Dinov2Layer",
+                         "Dinov2WithRegistersLayer", "ScanBlock"]
     _supports_sdpa = True  # lets `attn_implementation="sdpa"` reach the vision tower
     # Loaded in bfloat16/float16, the SSM parameters and the gated norms stay float32 (low precision there makes Mamba
     # models drift); the block RMSNorms compute in float32 from their low-precision weights, as transformers does.
@@ -173,7 +177,12 @@ class MLMambaModel(MLMambaPreTrainedModel):
         """The LM-ready features of video frames, (frames, num_video_frame_tokens, text_hidden): each frame
         encoded as an image (`vision_batch_size` frames at a time), its token grid average-pooled by
         ``config.video_frame_pool`` per side."""
-        features = self.get_image_features(pixel_values_videos, return_dict=True).pooler_output
+        connector_dtype = next(self.connector.parameters()).dtype
+        batch, layer = self.config.vision_batch_size, self.config.vision_feature_layer
+        # Only the projections are kept (not the vision features get_image_features also returns): at 256 frames
+        # that is a few hundred MB less at the peak.
+        features = torch.cat([self._encode(pixel_values_videos[start:start + batch], layer, connector_dtype)[1]
+                              for start in range(0, pixel_values_videos.shape[0], batch)], dim=0)
         pool = self.config.video_frame_pool
         if pool == 1:
             return features
@@ -243,6 +252,7 @@ class MLMambaModel(MLMambaPreTrainedModel):
             video_features = self.get_video_features(pixel_values_videos).to(inputs_embeds.dtype)
             _, mask = self.get_placeholder_mask(input_ids, inputs_embeds, None, video_features)
             inputs_embeds = inputs_embeds.masked_scatter(mask, video_features)
+            del video_features, mask  # a long video's features are as large as its embeddings: free them now
         if input_ids is not None and not _is_decoding(cache):
             for token_id, given, name in ((self.config.image_token_id, pixel_values, "pixel_values"),
                                           (self.config.video_token_id, pixel_values_videos, "pixel_values_videos")):

@@ -30,7 +30,10 @@ import torch
 
 from .digits_demo import NUMBER_WORDS, DemoSettings, demo_tokenizer, digit_image, is_correct, split_digits
 
-QUESTION_TYPES = ("count_odd", "after", "first_plus_last")
+# The three multi-frame questions, and two single-frame ones ("Which digit is shown first / last?") that give
+# the vision side a direct signal (without them the model does not learn to read the frames in 10 minutes).
+QUESTION_TYPES = ("count_odd", "after", "first_plus_last", "first", "last")
+MULTI_FRAME_TYPES = QUESTION_TYPES[:3]
 
 
 @dataclass
@@ -50,6 +53,8 @@ def make_question(labels: list[int], kind: str, rng: random.Random) -> tuple[str
         return "How many odd digits are shown?", str(sum(label % 2 for label in labels))
     if kind == "first_plus_last":
         return "What is the sum of the first and last digits?", str(labels[0] + labels[-1])
+    if kind in ("first", "last"):
+        return f"Which digit is shown {kind}?", NUMBER_WORDS[labels[0 if kind == "first" else -1]]
     candidates = [d for d in set(labels[:-1]) if labels.count(d) == 1]
     if not candidates:
         return None
@@ -88,7 +93,8 @@ def video_tokenizer():
 
     from .digits_demo import QUESTIONS
 
-    questions = ["How many odd digits are shown?", "What is the sum of the first and last digits?"] + [
+    questions = ["How many odd digits are shown?", "What is the sum of the first and last digits?",
+                 "Which digit is shown first?", "Which digit is shown last?"] + [
         f"Which digit comes right after the {word}?" for word in NUMBER_WORDS]
     answers = list(NUMBER_WORDS) + [str(n) for n in range(19)]
     corpus = questions + answers + [q for q, _ in QUESTIONS.values()] + [" ".join(answers)]
