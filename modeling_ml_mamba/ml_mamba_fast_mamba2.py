@@ -30,13 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ml_mamba_compat import CACHE_NAME, Mamba2Mixer, advance_cache_count, force_accelerate_hooks, pick_cache
-from .ml_mamba_scan import causal_depthwise_conv1d
+from .ml_mamba_scan import causal_depthwise_conv1d, packed_causal_depthwise_conv1d
 from .ml_mamba_ssd import CPU_CHUNK_SIZE, ssd_chunked, ssd_step
 
 # Tokens per prefill segment when no gradient is tracked.
 PREFILL_SEGMENT = 1024
-# Keyword arguments only mamba-ssm's kernels understand; with them the mixer defers to transformers.
-_KERNEL_ONLY_KWARGS = ("seq_idx", "cu_seqlens", "cu_seq_lens", "position_ids")
+# Keyword arguments only mamba-ssm's kernels understand; with them the mixer defers to transformers. (``seq_idx``
+# without a cache, packed training sequences, runs here: the conv and the scan reset at every boundary.)
+_KERNEL_ONLY_KWARGS = ("cu_seqlens", "cu_seq_lens", "position_ids")
 
 
 def apply_mask_to_padding_states(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -54,6 +55,8 @@ def _on_fast_path(tensor: torch.Tensor, cache_params, kwargs, layer_idx: int | N
         return False
     if cache_params is None:
         return True
+    if kwargs.get("seq_idx") is not None:  # packed sequences with a cache: transformers' (kernel) path
+        return False
     layers = range(len(cache_params.layers)) if layer_idx is None else (layer_idx,)
     return not any(cache_params.is_recording_past(i) for i in layers)
 
@@ -75,7 +78,31 @@ class FastMamba2Mixer(Mamba2Mixer):
                 and cache_params.get_conv_state(self.layer_idx) is not None
                 and cache_params.get_recurrent_state(self.layer_idx) is not None):
             return self._decode_step(hidden_states, cache_params)
+        if kwargs.get("seq_idx") is not None:
+            return self._packed_scan(hidden_states, kwargs["seq_idx"], attention_mask)
         return self._scan(hidden_states, cache_params, attention_mask)
+
+    def _packed_scan(self, hidden_states: torch.Tensor, seq_idx: torch.Tensor, attention_mask) -> torch.Tensor:
+        """Packed sequences (padding-free training): several samples in one row, ``seq_idx`` (b, l) saying which
+        token belongs to which; the conv and the SSM state restart at every boundary, so each sample is computed
+        exactly as alone (tests/test_packing.py)."""
+        batch, length, _ = hidden_states.shape
+        hidden_states = apply_mask_to_padding_states(hidden_states, attention_mask)
+        gate, xbc, dt = self.in_proj(hidden_states).split(
+            [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        silu = self.activation in ("silu", "swish")
+        conv_out = packed_causal_depthwise_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, seq_idx, silu=silu)
+        conv_out = apply_mask_to_padding_states(conv_out if silu else self.act(conv_out), attention_mask)
+        x, B, C = self._split_xbc(conv_out)
+        y = ssd_chunked(
+            x.reshape(batch, length, self.num_heads, self.head_dim), dt, -torch.exp(self.A_log.float()),
+            B.reshape(batch, length, self.n_groups, self.ssm_state_size),
+            C.reshape(batch, length, self.n_groups, self.ssm_state_size),
+            self.cpu_chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.time_step_limit,
+            seq_idx=seq_idx,
+        )
+        y = self._gated_norm(y.reshape(batch, length, self.intermediate_size), gate)
+        return self.out_proj(y.to(hidden_states.dtype))
 
     def _gated_norm(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """`self.norm(y, gate)`: RMSNorm of y * silu(gate) per group, times the weight. Overwrites ``gate``."""

@@ -30,6 +30,24 @@ except Exception:
 SCAN_DIRECTIONS = {"bidirectional": 2, "cross": 4}
 
 
+def packed_causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                   seq_idx: torch.Tensor, silu: bool = False) -> torch.Tensor:
+    """`causal_depthwise_conv1d` over packed sequences: no input reaches across a boundary of ``seq_idx`` (b, l),
+    each sequence starting from zeros as it would alone. Out of place (a training path)."""
+    length, kernel = x.shape[1], weight.shape[-1]
+    accumulate = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    taps = weight.to(accumulate).t()  # (k, channels)
+    seq_idx = seq_idx.to(x.device).expand(x.shape[0], length)
+    out = x.to(accumulate) * taps[-1]
+    for lag in range(1, min(kernel, length)):
+        same = (seq_idx[:, lag:] == seq_idx[:, :-lag]).to(accumulate)[..., None]  # input t - lag in t's sequence
+        shifted = x[:, :-lag].to(accumulate) * taps[kernel - 1 - lag] * same
+        out = out + F.pad(shifted, (0, 0, lag, 0))
+    if bias is not None:
+        out = out + bias.to(accumulate)
+    return (F.silu(out) if silu else out).to(x.dtype)
+
+
 def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                             previous: torch.Tensor | None = None, silu: bool = False, inplace: bool = False,
                             block: int = 256) -> torch.Tensor:

@@ -82,12 +82,19 @@ def ssd_sequential(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, dt_l
     return (y, state) if return_final_state else y
 
 
-def _ssd_segment(x_dt, A_dt, B, C, chunk_size, state, track_grad):
+def _same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a == b).float()
+
+
+def _ssd_segment(x_dt, A_dt, B, C, chunk_size, state, track_grad, seq=None, state_seq=None):
     """Chunked SSD over one segment of one B/C group, all float32, without the D skip.
 
     x_dt (b, l, h, p) = dt * x, A_dt (b, l, h) = dt * A, B and C (b, l, n) shared by the h heads, state (b, n, h*p)
     or None. The state is kept transposed, (n, h*p), so that both state matmuls read x and write y in their natural
     (token, head, head_dim) layout without copies. Returns y (b, l, h, p) and the state after the segment.
+
+    ``seq`` (b, l), optional: the sequence each token belongs to (packed sequences, non-decreasing); no state flows
+    from one sequence into the next. ``state_seq`` (b,) is the sequence the incoming ``state`` belongs to.
     """
     batch, length, heads, head_dim = x_dt.shape
     state_size = B.shape[-1]
@@ -98,6 +105,8 @@ def _ssd_segment(x_dt, A_dt, B, C, chunk_size, state, track_grad):
         A_dt = F.pad(A_dt, (0, 0, 0, pad))
         B = F.pad(B, (0, 0, 0, pad))
         C = F.pad(C, (0, 0, 0, pad))
+        if seq is not None:  # padding belongs to the last sequence (it adds nothing: x_dt = 0, decay 1)
+            seq = torch.cat([seq, seq[:, -1:].expand(-1, pad)], dim=1)
     c = (length + pad) // q
     x_dt = x_dt.view(batch, c, q, heads, head_dim)
     B = B.view(batch, c, q, state_size)
@@ -109,6 +118,9 @@ def _ssd_segment(x_dt, A_dt, B, C, chunk_size, state, track_grad):
     #    cum is non-increasing, so clamping at 0 only touches s > l, which the causal mask on the scores zeroes.
     scores = torch.matmul(C, B.transpose(-1, -2)).tril_()[:, :, None]  # (b, c, 1, q_l, q_s)
     decay = torch.sub(cum_h[..., :, None], cum_h[..., None, :])  # (b, c, h, q_l, q_s)
+    if seq is not None:  # no weight between tokens of different sequences
+        seq = seq.view(batch, c, q)
+        scores = scores * _same(seq[:, :, None, :, None], seq[:, :, None, None, :])
     if track_grad:
         weights = decay.clamp(LOG_DECAY_FLOOR, 0.0).exp() * scores
     else:  # the same, without allocating (these are the largest tensors of the scan)
@@ -118,12 +130,17 @@ def _ssd_segment(x_dt, A_dt, B, C, chunk_size, state, track_grad):
 
     # 2. The state each chunk leaves behind (started from zero), transposed: (b, c, n, h*p)
     decay_to_end = (cum[:, :, -1:] - cum).clamp(min=LOG_DECAY_FLOOR).exp()  # (b, c, q, h)
+    if seq is not None:  # only the sequence a chunk ends in leaves a state behind
+        decay_to_end = decay_to_end * _same(seq, seq[:, :, -1:])[..., None]
     x_decayed = (x_dt * decay_to_end[..., None]).view(batch, c, q, heads * head_dim)
     chunk_states = torch.matmul(B.transpose(-1, -2), x_decayed).view(batch, c, state_size, heads, head_dim)
     del x_decayed
 
     # 3. Carry the state across chunks: a short loop over c = l / q chunks.
     chunk_decay = cum[:, :, -1].clamp(min=LOG_DECAY_FLOOR).exp().view(batch, c, 1, heads, 1)
+    if seq is not None:  # the state entering chunk i belongs to the sequence chunk i - 1 ended in
+        entering = torch.cat([(state_seq if state_seq is not None else seq[:, 0, 0])[:, None], seq[:, :-1, -1]], 1)
+        chunk_decay = chunk_decay * _same(entering, seq[:, :, -1]).view(batch, c, 1, 1, 1)
     if track_grad:
         start = (state.view(batch, state_size, heads, head_dim) if state is not None
                  else x_dt.new_zeros(batch, state_size, heads, head_dim))
@@ -144,6 +161,8 @@ def _ssd_segment(x_dt, A_dt, B, C, chunk_size, state, track_grad):
     # 4. What the state a chunk starts from contributes: y_l += exp(cum_l) C_l . state
     y = torch.matmul(C, starts[:, :c]).view(batch, c, q, heads, head_dim)
     decay_from_start = cum.clamp(min=LOG_DECAY_FLOOR).exp()[..., None]  # (b, c, q, h, 1)
+    if seq is not None:  # ... to the tokens of the sequence it belongs to only
+        decay_from_start = decay_from_start * _same(seq, entering[:, :, None])[..., None, None]
     if track_grad:
         y = torch.addcmul(y_diag.transpose(2, 3), y, decay_from_start)
     else:
@@ -153,14 +172,15 @@ def _ssd_segment(x_dt, A_dt, B, C, chunk_size, state, track_grad):
 
 
 def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=False,
-                dt_limit=(0.0, float("inf")), initial_state=None, return_final_state=False):
+                dt_limit=(0.0, float("inf")), initial_state=None, return_final_state=False, seq_idx=None):
     """Chunked SSD in PyTorch: quadratic attention-like form inside chunks, a recurrence across chunk states.
 
     Works in float32 whatever the input dtype, like the Triton kernel. Written for CPUs: B/C groups become batch
     entries (heads are never expanded over groups), every contraction is one batched matmul over contiguous memory,
     the chunk recurrence is linear in the number of chunks, decays are floored out of the denormal range, and long
     inputs are processed in segments of ``SEGMENT_TOKENS`` (bounded intermediates). Differentiable (the connectors
-    train through it).
+    train through it). ``seq_idx`` (b, l), non-decreasing: packed sequences, the state reset at each boundary (as
+    mamba-ssm's kernel takes it; ``initial_state`` belongs to the first sequence).
     """
     _check_shapes(x, dt, B, C)
     batch, length, heads, head_dim = x.shape
@@ -182,14 +202,20 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=Fa
     if initial_state is not None:
         state = initial_state.float().reshape(batch * groups, r, head_dim, state_size).permute(0, 3, 1, 2)
         state = state.reshape(batch * groups, state_size, r * head_dim)
-    outputs = []
+    outputs, state_seq = [], None
+    if seq_idx is not None:
+        seq_idx = seq_idx.to(device=x.device).expand(batch, length)
+        seq_idx = seq_idx.repeat_interleave(groups, dim=0) if groups > 1 else seq_idx  # (b * g, l)
     for start in range(0, length, segment):
         end = min(start + segment, length)
         seg_dt = _discretize_dt(dt[:, start:end], dt_bias, dt_softplus, dt_limit)  # (b, s, h)
         seg_x = x[:, start:end].float()
+        seg_seq = seq_idx[:, start:end] if seq_idx is not None else None
         y, state = _ssd_segment(by_group(seg_x * seg_dt[..., None], r, head_dim), by_group(seg_dt * A, r),
                                 by_group(B[:, start:end].float(), state_size),
-                                by_group(C[:, start:end].float(), state_size), chunk_size, state, track_grad)
+                                by_group(C[:, start:end].float(), state_size), chunk_size, state, track_grad,
+                                seg_seq, state_seq)
+        state_seq = seg_seq[:, -1] if seg_seq is not None else None
         if groups > 1:  # (b * g, s, r, p) -> (b, s, h, p)
             y = y.view(batch, groups, end - start, r, head_dim).transpose(1, 2)
         y = y.reshape(batch, end - start, heads, head_dim)

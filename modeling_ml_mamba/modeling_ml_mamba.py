@@ -267,7 +267,17 @@ class MLMambaModel(MLMambaPreTrainedModel):
             # `generate` passes the mask of the whole sequence; the recurrent state already holds the past, and the
             # LM masks the new tokens only (transformers' Mamba-1 would broadcast a longer mask over them).
             attention_mask = attention_mask[:, -inputs_embeds.shape[1]:]
-        if self.config.text_config.model_type == "mamba" and _is_decoding(cache) and inputs_embeds.shape[1] > 1:
+        seq_idx = _packed_seq_idx(kwargs.get("seq_idx"), kwargs.get("position_ids"))
+        if seq_idx is not None:  # packed samples (padding-free training): each starts from a fresh state
+            if self.config.text_config.model_type != "mamba2":
+                raise ValueError("Packed sequences (seq_idx / position_ids restarting at 0) need a Mamba-2 language "
+                                 f"model; this one is {self.config.text_config.model_type!r}.")
+            if cache is not None and cache.has_previous_state(0):
+                raise ValueError("Packed sequences cannot continue a cache: pass them without one.")
+            outputs = self.language_model(inputs_embeds=inputs_embeds, use_cache=False, attention_mask=attention_mask,
+                                          output_hidden_states=bool(output_hidden_states), return_dict=True,
+                                          seq_idx=seq_idx)
+        elif self.config.text_config.model_type == "mamba" and _is_decoding(cache) and inputs_embeds.shape[1] > 1:
             outputs = self._continue_token_by_token(inputs_embeds, attention_mask, cache, output_hidden_states)
         else:  # No **kwargs: transformers' Mamba models pass them on to their mixer kernels.
             outputs = self.language_model(
@@ -302,6 +312,16 @@ class MLMambaModel(MLMambaPreTrainedModel):
             hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*(step.hidden_states for step in steps)))
         return SimpleNamespace(last_hidden_state=torch.cat([step.last_hidden_state for step in steps], dim=1),
                                hidden_states=hidden_states, **{CACHE_NAME: cache})
+
+
+def _packed_seq_idx(seq_idx, position_ids):
+    """``seq_idx`` (b, l) of packed samples: given, or from ``position_ids`` that restart at 0 inside a row (TRL's
+    padding-free batches); None for ordinary rows."""
+    if seq_idx is not None:
+        return seq_idx.to(torch.int32)
+    if position_ids is None or position_ids.dim() != 2 or not bool((position_ids[:, 1:] == 0).any()):
+        return None
+    return ((position_ids == 0).cumsum(-1) - 1).to(torch.int32)
 
 
 def _return_dict(return_dict: bool | None, config) -> bool:
@@ -416,6 +436,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             return_dict=True,
             pixel_values_videos=pixel_values_videos,
+            **{name: kwargs[name] for name in ("seq_idx", "position_ids") if kwargs.get(name) is not None},
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

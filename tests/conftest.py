@@ -23,6 +23,7 @@ COMPAT_MODULES = {
     "test_training.py",
     "test_chat_state.py",
     "test_video.py",
+    "test_packing.py",
 }
 
 

@@ -183,6 +183,9 @@ class MLMambaSFTConfig(SFTConfig):
     resume: bool = field(default=False, metadata={"help": "Resume from the last checkpoint in output_dir."})
     merge_lora: bool = field(default=False, metadata={
         "help": "With --use_peft, also write the LoRA merged into a plain checkpoint to <output_dir>/merged."})
+    pack_samples: bool = field(default=False, metadata={
+        "help": "Padding-free batches: the samples of a batch in one row, each with its own fresh state (Mamba-2 "
+                "LMs; TRL's padding_free does not take vision data)."})
 
     def __post_init__(self):
         if not accelerator_available():

@@ -25,6 +25,8 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 IMAGE_MARKER = "<image>"
@@ -400,3 +402,30 @@ def with_videos(example: dict) -> dict:
     if videos:
         raise BadSampleError(f"{len(videos)} video(s) more than the messages' video items")
     return {**{key: value for key, value in example.items() if key != "videos"}, "messages": messages}
+
+
+class PackedSampleCollator:
+    """Padding-free batches for vision-language samples: each sample is collated alone by the wrapped (TRL) collator,
+    without padding, and the batch becomes one row: ``input_ids`` and ``labels`` concatenated, ``position_ids``
+    restarting at 0 at every sample (the model resets its conv and SSM state there, so each sample trains exactly as
+    alone; tests/test_packing.py), images and video frames in order. TRL (1.16) refuses ``padding_free`` for vision
+    datasets; this is the same layout its text collator builds."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples):
+        pieces = [self.collator([example]) for example in examples]
+        batch = {"input_ids": torch.cat([p["input_ids"] for p in pieces], dim=1),
+                 "position_ids": torch.cat([torch.arange(p["input_ids"].shape[1]) for p in pieces])[None]}
+        labels = []
+        for piece in pieces:
+            piece_labels = piece["labels"].clone()
+            piece_labels[:, 0] = -100  # the previous sample's last token must not learn to predict this one
+            labels.append(piece_labels)
+        batch["labels"] = torch.cat(labels, dim=1)
+        for key in ("pixel_values", "pixel_values_videos"):
+            tensors = [p[key] for p in pieces if p.get(key) is not None]
+            if tensors:
+                batch[key] = torch.cat(tensors, dim=0)
+        return batch

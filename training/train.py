@@ -21,7 +21,7 @@ import transformers
 from transformers.trainer_utils import get_last_checkpoint
 
 from .arguments import DataArguments, MLMambaSFTConfig, ModelArguments
-from .data import VideoSampleCollator, load_training_data
+from .data import PackedSampleCollator, VideoSampleCollator, load_training_data
 from .models import apply_stage, load_model_and_processor, lora_config
 
 logger = logging.getLogger("ml_mamba.training")
@@ -83,6 +83,11 @@ def build_trainer(model, processor, training_args: MLMambaSFTConfig, train_datas
                          processing_class=processor, peft_config=peft_config, callbacks=callbacks)
     if videos:
         trainer.data_collator = VideoSampleCollator(trainer.data_collator)
+    if getattr(training_args, "pack_samples", False):
+        if model.config.text_config.model_type != "mamba2":
+            raise ValueError("--pack_samples needs a Mamba-2 language model (its scan resets at sample boundaries); "
+                             f"this one is {model.config.text_config.model_type!r}.")
+        trainer.data_collator = PackedSampleCollator(trainer.data_collator)
     return trainer
 
 
