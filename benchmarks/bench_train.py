@@ -1,0 +1,138 @@
+"""Training throughput on a mixed-length batch: ML-Mamba padded vs packed (`--pack_samples`' layout) vs the
+same-size LLaVA padded, side by side.
+
+    python benchmarks/bench_train.py                          # -> benchmarks/results/train.{md,json}
+    python benchmarks/bench_train.py --size tiny --output /tmp/train   # a smoke run
+
+The batch follows a LLaVA-like length mix: half the samples 32-128 text tokens, half 512-2048, each with one 384 px
+image (729 tokens). A training step is forward + backward + AdamW on the whole model (random weights,
+`vlm_pair.py`'s 129M pair, float32). Reported per arm (each in its own process): seconds per step (median of the
+timed steps after one warm-up step), real (non-padding) tokens per second, tokens computed per step, peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import vlm_pair  # noqa: E402
+
+ARMS = {"ml-mamba padded": ("ml-mamba", False), "ml-mamba packed": ("ml-mamba", True),
+        "llava padded": ("llava", False)}
+
+
+def make_batch(model, arm: str, pack: bool, args):
+    rng = random.Random(args.seed)
+    half = args.batch_size // 2
+    lengths = [rng.randint(32, 128) for _ in range(half)] + [rng.randint(512, 2048)
+                                                             for _ in range(args.batch_size - half)]
+    lengths = [max(8, n * args.length_scale // 100) for n in lengths]
+    image_tokens = (model.config.image_seq_length if arm == "llava" else model.config.num_image_tokens)
+    image_id = model.config.image_token_id
+    samples = [torch.cat([torch.full((image_tokens,), image_id), torch.randint(10, 250, (n,))]) for n in lengths]
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(len(samples), 3, size, size)
+    real = sum(len(s) for s in samples)
+    if pack:
+        ids = torch.cat(samples)[None]
+        labels = ids.masked_fill(ids == image_id, -100)
+        position_ids = torch.cat([torch.arange(len(s)) for s in samples])[None]
+        return {"input_ids": ids, "labels": labels, "position_ids": position_ids, "pixel_values": pixels}, real, \
+            ids.numel()
+    width = max(len(s) for s in samples)
+    ids = torch.zeros(len(samples), width, dtype=torch.long)
+    mask = torch.zeros(len(samples), width, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        ids[row, :len(sample)], mask[row, :len(sample)] = sample, 1
+    labels = ids.masked_fill((ids == image_id) | (mask == 0), -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}, real, ids.numel()
+
+
+def worker(args) -> dict:
+    torch.set_num_threads(args.threads)
+    arm, pack = ARMS[args.arm]
+    model = vlm_pair.build_model(arm, args.size).train()
+    batch, real, computed = make_batch(model, arm, pack, args)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    times = []
+    for _ in range(1 + args.steps):
+        started = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+    step = sorted(times[1:])[len(times[1:]) // 2]
+    return {"arm": args.arm, "step_s": step, "real_tokens": real, "computed_tokens": computed,
+            "tokens_per_s": real / step, "loss": float(loss),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="s", choices=sorted(vlm_pair.SIZES))
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--length-scale", type=int, default=100, help="percent of the text lengths (smoke runs)")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="benchmarks/results/train")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--arm", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    import transformers
+
+    meta = {"machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)",
+            "threads": args.threads, "torch": torch.__version__, "transformers": transformers.__version__,
+            "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()), "size": args.size,
+            "batch_size": args.batch_size, "steps": args.steps}
+    rows = []
+    for arm in args.arms:
+        command = [sys.executable, os.path.abspath(__file__), "--worker", "--arm", arm, "--size", args.size,
+                   "--batch-size", str(args.batch_size), "--length-scale", str(args.length_scale),
+                   "--steps", str(args.steps), "--threads", str(args.threads), "--seed", str(args.seed)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            rows.append({"arm": arm, "error": result.stderr.strip()[-300:] or f"exit {result.returncode}"})
+        else:
+            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    meta["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    lines = [f"Machine: {meta['machine']}, {meta['threads']} threads, torch {meta['torch']}, transformers "
+             f"{meta['transformers']}, load {meta['load_before']} before / {meta['load_after']} after; size "
+             f"{meta['size']}, batch of {args.batch_size}, median of {args.steps} steps after one warm-up.", "",
+             "| arm | s/step | real tokens | tokens computed | real tokens/s | vs ML-Mamba padded | peak RSS GB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    base = next((r["tokens_per_s"] for r in rows if r["arm"] == "ml-mamba padded" and "error" not in r), None)
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['arm']} | failed: {row['error'][:120]} | | | | | |")
+            continue
+        ratio = f"{row['tokens_per_s'] / base:.2f}x" if base else ""
+        lines.append(f"| {row['arm']} | {row['step_s']:.1f} | {row['real_tokens']:,} | {row['computed_tokens']:,} | "
+                     f"{row['tokens_per_s']:.0f} | {ratio} | {row['peak_rss_bytes'] / 1e9:.1f} |")
+    table = "\n".join(lines) + "\n"
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output + ".json", "w") as handle:
+        json.dump({"meta": meta, "rows": rows}, handle, indent=1)
+    with open(args.output + ".md", "w") as handle:
+        handle.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
