@@ -62,6 +62,8 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     arm, pack = ARMS[args.arm]
     model = vlm_pair.build_model(arm, args.size).train()
+    if args.checkpointing:  # activation checkpointing for every arm alike (what fits long batches in memory)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch, real, computed = make_batch(model, arm, pack, args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     times = []
@@ -87,6 +89,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
+                        help="keep every activation (the default recomputes them: the padded batch needs >20 GB "
+                             "without)")
     parser.add_argument("--output", default="benchmarks/results/train")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--arm", help=argparse.SUPPRESS)
@@ -105,6 +110,7 @@ def main(argv=None):
         command = [sys.executable, os.path.abspath(__file__), "--worker", "--arm", arm, "--size", args.size,
                    "--batch-size", str(args.batch_size), "--length-scale", str(args.length_scale),
                    "--steps", str(args.steps), "--threads", str(args.threads), "--seed", str(args.seed)]
+        command += [] if args.checkpointing else ["--no-checkpointing"]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             rows.append({"arm": arm, "error": result.stderr.strip()[-300:] or f"exit {result.returncode}"})
@@ -114,7 +120,8 @@ def main(argv=None):
     meta["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     lines = [f"Machine: {meta['machine']}, {meta['threads']} threads, torch {meta['torch']}, transformers "
              f"{meta['transformers']}, load {meta['load_before']} before / {meta['load_after']} after; size "
-             f"{meta['size']}, batch of {args.batch_size}, median of {args.steps} steps after one warm-up.", "",
+             f"{meta['size']}, batch of {args.batch_size}, median of {args.steps} steps after one warm-up, "
+             f"activation checkpointing {'on' if args.checkpointing else 'off'}.", "",
              "| arm | s/step | real tokens | tokens computed | real tokens/s | vs ML-Mamba padded | peak RSS GB |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     base = next((r["tokens_per_s"] for r in rows if r["arm"] == "ml-mamba padded" and "error" not in r), None)
