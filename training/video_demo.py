@@ -45,6 +45,7 @@ class VideoDemoSettings(DemoSettings):
     min_frames: int = 4
     max_frames: int = 16
     hidden_size: int = 96
+    lm_layers: int = 2
 
 
 def make_question(labels: list[int], kind: str, rng: random.Random) -> tuple[str, str] | None:
@@ -109,7 +110,8 @@ def video_model(tokenizer, settings: VideoDemoSettings):
     config = MLMambaConfig(
         vision_config=dict(model_type="siglip_vision_model", hidden_size=hidden, intermediate_size=2 * hidden,
                            num_hidden_layers=2, num_attention_heads=4, image_size=8, patch_size=settings.patch_size),
-        text_config=dict(model_type="mamba2", hidden_size=hidden, num_hidden_layers=2, num_heads=2 * hidden // 16,
+        text_config=dict(model_type="mamba2", hidden_size=hidden, num_hidden_layers=settings.lm_layers,
+                         num_heads=2 * hidden // 16,
                          head_dim=16, state_size=16, n_groups=1, expand=2, chunk_size=64, vocab_size=8,
                          tie_word_embeddings=True, pad_token_id=0, bos_token_id=0, eos_token_id=0),
         connector_type="msc", connector_scan="bidirectional", connector_num_blocks=1, connector_chunk_size=16,
@@ -219,10 +221,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--train-videos", type=int, default=defaults.train_videos)
     parser.add_argument("--held-out-videos", type=int, default=defaults.held_out_videos)
+    parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
+    parser.add_argument("--lm-layers", type=int, default=defaults.lm_layers)
     args = parser.parse_args(argv)
     settings = VideoDemoSettings(output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size,
                                  learning_rate=args.learning_rate, threads=args.threads, seed=args.seed,
-                                 train_videos=args.train_videos, held_out_videos=args.held_out_videos)
+                                 train_videos=args.train_videos, held_out_videos=args.held_out_videos,
+                                 hidden_size=args.hidden_size, lm_layers=args.lm_layers)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     results = run_video_demo(settings)
     print(f"\nHeld-out exact match ({results['num_examples']} questions on videos of unseen digit images): "
