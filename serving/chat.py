@@ -21,7 +21,7 @@ import time
 
 from transformers import TextStreamer
 
-from ml_mamba.serving.session import ChatSession
+from ml_mamba.serving.session import ChatSession, load_chat_model
 
 HELP = ("Type a message and press Enter. /image PATH_OR_URL attaches an image to your next message; /reset starts "
         "over; /save FILE, /load FILE keep the conversation; /quit ends.")
@@ -109,14 +109,7 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--stats", action="store_true", help="print tokens processed and time after each answer")
     args = parser.parse_args(argv)
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    import modeling_ml_mamba  # noqa: F401  (registers the ML-Mamba Auto classes)
-
-    kwargs = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
-    model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, **kwargs).eval()
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    model, processor = load_chat_model(args.model, args.dtype)
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
     run_chat(ChatSession(model, processor, system=args.system), show_stats=args.stats,
              max_new_tokens=args.max_new_tokens, **sampling)

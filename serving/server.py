@@ -21,7 +21,7 @@ import uuid
 
 import torch
 
-from ml_mamba.serving.session import StateStore, generate_turn
+from ml_mamba.serving.session import StateStore, generate_turn, load_chat_model
 
 DEFAULT_LIMITS = {"max_images": 8, "max_prompt_tokens": 8192, "max_new_tokens": 1024, "max_body_bytes": 20 * 2**20,
                   "saved_states": 4}
@@ -220,14 +220,7 @@ def build_app(service: ChatService):
 
 def load_service(model_path: str, dtype: str | None = None, limits: dict | None = None,
                  trust_remote_code: bool = True) -> ChatService:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    import modeling_ml_mamba  # noqa: F401  (registers the ML-Mamba Auto classes)
-
-    kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
-    model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=trust_remote_code,
-                                                        **kwargs).eval()
-    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    model, processor = load_chat_model(model_path, dtype, trust_remote_code)
     return ChatService(model, processor, model_id=model_path, limits=limits)
 
 

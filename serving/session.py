@@ -32,6 +32,19 @@ from modeling_ml_mamba.ml_mamba_compat import GENERATE_CACHE_NAME, cache_token_c
 from modeling_ml_mamba.ml_mamba_state import load_state, save_state
 
 
+def load_chat_model(model_path: str, dtype: str | None = None, trust_remote_code: bool = True):
+    """``(model in eval mode, processor)`` of a saved folder or Hub repo, as the serving commands load it (``dtype``:
+    a torch dtype name, or None for the checkpoint's)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import modeling_ml_mamba  # noqa: F401  (registers the ML-Mamba Auto classes)
+
+    kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
+    model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=trust_remote_code,
+                                                        **kwargs).eval()
+    return model, AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+
+
 def continues(seen: torch.Tensor | None, prompt_ids: torch.Tensor, cache=None) -> bool:
     """Whether a state that has seen the 1-D ids ``seen`` can continue into the 1-D ``prompt_ids``: they start with
     ``seen`` and add at least one token, and (given a ``cache``) transformers knows it has seen them (5.25+; on older
@@ -155,4 +168,4 @@ class StateStore:
                 self.entries.popitem(last=False)
 
 
-__all__ = ["ChatSession", "StateStore", "continues", "generate_turn"]
+__all__ = ["ChatSession", "StateStore", "continues", "generate_turn", "load_chat_model"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import threading
 
-from ml_mamba.serving.session import ChatSession
+from ml_mamba.serving.session import ChatSession, load_chat_model
 
 TITLE = "ML-Mamba"
 
@@ -85,14 +85,7 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     args = parser.parse_args(argv)
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    import modeling_ml_mamba  # noqa: F401  (registers the ML-Mamba Auto classes)
-
-    kwargs = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
-    model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, **kwargs).eval()
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    model, processor = load_chat_model(args.model, args.dtype)
     build_demo(model, processor, args.max_new_tokens).queue().launch(server_name=args.host, server_port=args.port)
 
 

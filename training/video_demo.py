@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .digits_demo import NUMBER_WORDS, DemoSettings, demo_tokenizer, digit_image, is_correct, split_digits
+from .digits_demo import NUMBER_WORDS, DemoSettings, digit_image, score, split_digits
 
 # The three multi-frame questions, and two single-frame ones ("Which digit is shown first / last?") that give
 # the vision side a direct signal (without them the model does not learn to read the frames in 10 minutes).
@@ -153,15 +153,6 @@ def answer_videos(model, processor, videos: list[list], questions: list[str], ba
         output = model.generate(**inputs, do_sample=False, max_new_tokens=4)
         predictions += processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     return predictions
-
-
-def score(samples: list[dict], predictions: list[str]) -> dict:
-    per_type: dict[str, list[bool]] = {}
-    for sample, prediction in zip(samples, predictions):
-        per_type.setdefault(sample["question_type"], []).append(is_correct(prediction, sample["answer"]))
-    every = [ok for oks in per_type.values() for ok in oks]
-    return {"overall": sum(every) / len(every), "per_type": {k: sum(v) / len(v) for k, v in per_type.items()},
-            "num_examples": len(every)}
 
 
 def run_video_demo(settings: VideoDemoSettings) -> dict:
