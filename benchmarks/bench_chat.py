@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -103,24 +102,13 @@ def main(argv=None):
     if args.turns < 2:
         parser.error(f"--turns must be at least 2, got {args.turns}")
     torch.set_num_threads(args.threads)
-    import transformers
-
-    meta = {"machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)",
-            "threads": args.threads, "torch": torch.__version__, "transformers": transformers.__version__,
-            "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()), "size": args.size, "turns": args.turns,
-            "user_tokens": args.user_tokens, "new_tokens": args.new_tokens}
+    meta = vlm_pair.run_meta(args.threads, size=args.size, turns=args.turns, user_tokens=args.user_tokens,
+                             new_tokens=args.new_tokens)
     results = {"meta": meta, "arms": {}}
     for name in args.arms:
         results["arms"][name] = run_arm(*ARMS[name], args)
-    meta["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output + ".json", "w") as handle:
-        json.dump(results, handle, indent=1)
-    table = markdown(results)
-    with open(args.output + ".md", "w") as handle:
-        handle.write(table)
-    print(table)
-
+    meta["load_after"] = vlm_pair.load_average()
+    vlm_pair.write_report(args.output, results, markdown(results))
 
 if __name__ == "__main__":
     main()

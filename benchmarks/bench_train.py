@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import subprocess
@@ -99,12 +98,7 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    import transformers
-
-    meta = {"machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)",
-            "threads": args.threads, "torch": torch.__version__, "transformers": transformers.__version__,
-            "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()), "size": args.size,
-            "batch_size": args.batch_size, "steps": args.steps}
+    meta = vlm_pair.run_meta(args.threads, size=args.size, batch_size=args.batch_size, steps=args.steps)
     rows = []
     for arm in args.arms:
         command = [sys.executable, os.path.abspath(__file__), "--worker", "--arm", arm, "--size", args.size,
@@ -117,7 +111,7 @@ def main(argv=None):
         else:
             rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    meta["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    meta["load_after"] = vlm_pair.load_average()
     lines = [f"Machine: {meta['machine']}, {meta['threads']} threads, torch {meta['torch']}, transformers "
              f"{meta['transformers']}, load {meta['load_before']} before / {meta['load_after']} after; size "
              f"{meta['size']}, batch of {args.batch_size}, median of {args.steps} steps after one warm-up, "
@@ -132,14 +126,7 @@ def main(argv=None):
         ratio = f"{row['tokens_per_s'] / base:.2f}x" if base else ""
         lines.append(f"| {row['arm']} | {row['step_s']:.1f} | {row['real_tokens']:,} | {row['computed_tokens']:,} | "
                      f"{row['tokens_per_s']:.0f} | {ratio} | {row['peak_rss_bytes'] / 1e9:.1f} |")
-    table = "\n".join(lines) + "\n"
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output + ".json", "w") as handle:
-        json.dump({"meta": meta, "rows": rows}, handle, indent=1)
-    with open(args.output + ".md", "w") as handle:
-        handle.write(table)
-    print(table)
-
+    vlm_pair.write_report(args.output, {"meta": meta, "rows": rows}, "\n".join(lines) + "\n")
 
 if __name__ == "__main__":
     main()

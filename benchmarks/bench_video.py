@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -125,12 +124,7 @@ def main(argv=None):
         args.frames = args.frames[0]
         print(json.dumps(worker(args)))
         return
-    import transformers
-
-    meta = {"machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)",
-            "threads": args.threads, "torch": torch.__version__, "transformers": transformers.__version__,
-            "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()), "size": args.size, "pool": args.pool,
-            "vision_batch_size": args.vision_batch_size}
+    meta = vlm_pair.run_meta(args.threads, size=args.size, pool=args.pool, vision_batch_size=args.vision_batch_size)
     rows = []
     for arm in args.arms:
         previous = None
@@ -146,16 +140,9 @@ def main(argv=None):
             previous = run(arm, frames, args)
             rows.append(previous)
             print(json.dumps(previous), flush=True)
-    meta["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    meta["load_after"] = vlm_pair.load_average()
     results = {"meta": meta, "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output + ".json", "w") as handle:
-        json.dump(results, handle, indent=1)
-    table = markdown(results)
-    with open(args.output + ".md", "w") as handle:
-        handle.write(table)
-    print(table)
-
+    vlm_pair.write_report(args.output, results, markdown(results))
 
 if __name__ == "__main__":
     main()

@@ -13,6 +13,9 @@ holds about two Mamba-2 layers' parameters, so the Llama has half the layers).
 from __future__ import annotations
 
 import copy
+import json
+import os
+import platform
 
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, SiglipImageProcessor
@@ -146,3 +149,26 @@ def _cache_name(arm: str) -> str:
     if CACHE_NAME == "cache":
         return "cache"
     return "past_key_values" if arm == "llava" else CACHE_NAME
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def run_meta(threads: int, **fields) -> dict:
+    """What every benchmark records beside its numbers: the machine, versions, thread count and the load before."""
+    import transformers
+
+    return {"machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)", "threads": threads,
+            "torch": torch.__version__, "transformers": transformers.__version__, "load_before": load_average(),
+            **fields}
+
+
+def write_report(output: str, results: dict, table: str) -> None:
+    """``results`` to ``output.json`` and ``table`` to ``output.md`` (folders created), the table printed."""
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output + ".json", "w") as handle:
+        json.dump(results, handle, indent=1)
+    with open(output + ".md", "w") as handle:
+        handle.write(table)
+    print(table)

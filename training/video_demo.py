@@ -25,7 +25,6 @@ import random
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .digits_demo import NUMBER_WORDS, DemoSettings, digit_image, score, split_digits
