@@ -45,6 +45,7 @@ class VideoDemoSettings(DemoSettings):
     max_frames: int = 16
     hidden_size: int = 96
     lm_layers: int = 2
+    frame_template: str | None = None
 
 
 def make_question(labels: list[int], kind: str, rng: random.Random) -> tuple[str, str] | None:
@@ -119,7 +120,7 @@ def video_model(tokenizer, settings: VideoDemoSettings):
     from transformers import SiglipImageProcessor
 
     processor = MLMambaProcessor.from_config(config, tokenizer, image_processor=SiglipImageProcessor(
-        size={"height": 8, "width": 8}))
+        size={"height": 8, "width": 8}), frame_template=settings.frame_template)
     torch.manual_seed(settings.seed)
     return MLMambaForConditionalGeneration(config), processor
 
@@ -213,11 +214,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--held-out-videos", type=int, default=defaults.held_out_videos)
     parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
     parser.add_argument("--lm-layers", type=int, default=defaults.lm_layers)
+    parser.add_argument("--frame-template", default=defaults.frame_template,
+                        help='text before each frame\'s tokens, formatted with {index} and {time}, e.g. "|"')
     args = parser.parse_args(argv)
     settings = VideoDemoSettings(output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size,
                                  learning_rate=args.learning_rate, threads=args.threads, seed=args.seed,
                                  train_videos=args.train_videos, held_out_videos=args.held_out_videos,
-                                 hidden_size=args.hidden_size, lm_layers=args.lm_layers)
+                                 hidden_size=args.hidden_size, lm_layers=args.lm_layers,
+                                 frame_template=args.frame_template)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     results = run_video_demo(settings)
     print(f"\nHeld-out exact match ({results['num_examples']} questions on videos of unseen digit images): "
