@@ -14,7 +14,7 @@ CONNECTOR_TYPES = ("mlp", "fused-mlp", "ldp", "msc", "vss-l2")
 CONNECTOR_SCANS = ("bidirectional", "cross")
 # How `generate` advances a cached one-token step (`ml_mamba_decode`): the static step eager or compiled, or
 # transformers' own modules.
-DECODE_IMPLEMENTATIONS = ("static", "compiled", "eager")
+DECODE_IMPLEMENTATIONS = ("static", "graph", "compiled", "eager")
 # Written into every saved config.json so the folder loads through each Auto class with `trust_remote_code=True`.
 AUTO_MAP = {
     "AutoConfig": "configuration_ml_mamba.MLMambaConfig",
@@ -127,8 +127,9 @@ class MLMambaConfig(PreTrainedConfig):
         image_token_id (`int`, *optional*): id of the `<image>` placeholder token (see `MLMambaProcessor`).
         initializer_range (`float`, defaults to 0.02): std of the connector's and LM head's initial weights.
         decode_implementation (`str`, defaults to `"static"`): how `generate` advances one token: `"static"` (one
-            function over the LM's weights and the cache's state tensors, updated in place), `"compiled"` (the same,
-            `torch.compile`d; a CUDA graph on GPU) or `"eager"` (transformers' own modules).
+            function over the LM's weights and the cache's state tensors, updated in place), `"graph"` (the same,
+            captured as a CUDA graph and replayed per token on GPU; the static step on CPU), `"compiled"` (the same,
+            `torch.compile`d; also captured as a CUDA graph on GPU) or `"eager"` (transformers' own modules).
         video_token_id (`int`, *optional*): id of the per-frame `<video>` token; set it to give the model videos
             (``pixel_values_videos``, see `MLMambaProcessor`).
         video_frame_pool (`int`, defaults to 1): a video frame's token grid is average-pooled by this factor per

@@ -5,12 +5,13 @@
 straight line of tensor operations over the language model's weights and the cache's own conv and SSM state tensors,
 which it updates in place. Those tensors are allocated once at prefill (transformers' linear-attention cache layers
 keep static addresses), so a decode step allocates nothing state-sized and has static shapes: it compiles with
-``torch.compile(fullgraph=True)`` (Inductor on CPU; on CUDA with ``mode="reduce-overhead"``, i.e. captured as a CUDA
-graph and replayed per token).
+``torch.compile(fullgraph=True)``, and on CUDA it is captured as a CUDA graph and replayed per token
+(`CUDAGraphStep`).
 
 `MLMambaForConditionalGeneration.forward` takes this path for a cached one-token step without gradients, hidden
 states or labels (what `generate` asks for), as ``config.decode_implementation`` says: ``"static"`` (default, eager),
-``"compiled"``, or ``"eager"`` (transformers' own modules). The SSM state stays in float32 whatever the weights'
+``"graph"`` (CUDA graph on GPU), ``"compiled"`` (Inductor; a CUDA graph of the compiled step on GPU), or ``"eager"``
+(transformers' own modules). The SSM state stays in float32 whatever the weights'
 dtype. On CPU the static step stores the language model's float32 weights transposed once (`use_gemv_layout`), the
 layout in which MKL's matrix-vector product runs fastest; the compiled step keeps the default layout and multiplies
 by a fused reduction instead (`project`). The reference it is tested against is the eager path
@@ -145,22 +146,73 @@ def use_gemv_layout(module: nn.Module, enabled: bool = True) -> list[nn.Linear]:
     return changed
 
 
-class StaticDecoder:
-    """Runs `decode_step` on a model's language model and head, eager or compiled (one compiled graph per batch
-    size and dtype; ``dynamic=False`` keeps shapes static, as CUDA graphs need)."""
+class CUDAGraphStep:
+    """A decode step captured as a CUDA graph and replayed per token, as mamba_ssm's ``update_graph_cache`` does:
+    one launch per token instead of a few thousand kernel launches (the step's cost at batch 1 on a GPU).
 
-    def __init__(self, language_model: nn.Module, lm_head: nn.Module, kind: str, compiled: bool = False):
+    A graph records the addresses it reads and writes, so there is one per (batch size, cache state tensors); the
+    cache's state tensors are allocated once per `generate` call and updated in place, so a graph is captured at
+    the first step of a call (two warm-up steps on a side stream, states restored, then the capture) and replayed for
+    the rest. Only the latest ``max_graphs`` graphs are kept (each holds a private memory pool). The token ids are
+    copied into the graph's input buffer, and the logits copied out of its output buffer.
+    """
+
+    def __init__(self, step, max_graphs: int = 4):
+        self.step, self.max_graphs = step, max_graphs
+        self.graphs: dict[tuple, tuple] = {}
+
+    def __call__(self, language_model, lm_head, input_ids, conv_states, ssm_states, kind):
+        states = list(conv_states) + list(ssm_states)
+        key = (tuple(input_ids.shape), tuple(state.data_ptr() for state in states))
+        if key not in self.graphs:
+            if len(self.graphs) >= self.max_graphs:
+                self.graphs.pop(next(iter(self.graphs)))
+            self.graphs[key] = self._capture(language_model, lm_head, input_ids, conv_states, ssm_states, kind, states)
+        graph, static_ids, static_logits = self.graphs[key]
+        static_ids.copy_(input_ids)
+        graph.replay()
+        return static_logits.clone()
+
+    def _capture(self, language_model, lm_head, input_ids, conv_states, ssm_states, kind, states):
+        static_ids = input_ids.clone()
+        saved = [state.clone() for state in states]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (lazy initialisations, autotuning) outside the capture
+            for _ in range(2):
+                self.step(language_model, lm_head, static_ids, conv_states, ssm_states, kind)
+        torch.cuda.current_stream().wait_stream(side)
+        for state, copy in zip(states, saved):  # the warm-up advanced the states: put them back
+            state.copy_(copy)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # recorded, not run: the states advance at each replay
+            static_logits = self.step(language_model, lm_head, static_ids, conv_states, ssm_states, kind)
+        return graph, static_ids, static_logits
+
+
+class StaticDecoder:
+    """Runs `decode_step` on a model's language model and head: eager, compiled (one compiled graph per batch size
+    and dtype; ``dynamic=False`` keeps shapes static) and/or, on CUDA, captured as a CUDA graph (`CUDAGraphStep`).
+    ``graph`` is ignored on CPU."""
+
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module, kind: str, compiled: bool = False,
+                 graph: bool = False):
         if kind not in ("mamba2", "mamba"):
             raise ValueError(f"The static decode step supports mamba2 and mamba language models, got {kind!r}.")
         self.language_model, self.lm_head, self.kind, self.compiled = language_model, lm_head, kind, compiled
+        self.requested_graph = graph
+        device = next(language_model.parameters()).device
+        self.graph = graph = (graph or compiled) and device.type == "cuda"
         # eager: MKL's GEMV wants the transposed layout; compiled: `project`'s fused reduction wants the default one
         use_gemv_layout(language_model, enabled=not compiled)
         use_gemv_layout(lm_head, enabled=not compiled)
         self.step = decode_step
         if compiled:
-            device = next(language_model.parameters()).device
-            mode = "reduce-overhead" if device.type == "cuda" else None
-            self.step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+            # On CUDA we capture the compiled step ourselves (`CUDAGraphStep`) rather than with
+            # mode="reduce-overhead", whose CUDA-graph trees skip functions that mutate their inputs (the states).
+            self.step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+        if graph:
+            self.step = CUDAGraphStep(self.step)
 
     def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         layers = range(len(self.language_model.layers))
@@ -189,4 +241,5 @@ def can_decode_statically(language_model: nn.Module, cache) -> bool:
     return True
 
 
-__all__ = ["StaticDecoder", "project", "store_transposed", "use_gemv_layout", "can_decode_statically", "decode_step"]
+__all__ = ["StaticDecoder", "CUDAGraphStep", "project", "store_transposed", "use_gemv_layout", "can_decode_statically",
+           "decode_step"]

@@ -116,6 +116,36 @@ def test_compiled_step_equals_the_eager_path():
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
+def test_graph_decode_is_the_static_step_on_cpu():
+    model, processor = _pair("mamba2", seed=3)
+    inputs = _batch(processor, count=2)
+    model.config.decode_implementation = "eager"
+    expected = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    model.config.decode_implementation = "graph"
+    assert torch.equal(model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False), expected)
+    assert not model._static_decoder().graph  # nothing to capture on CPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (benchmarks/gpu_check.sh runs this)")
+@pytest.mark.parametrize("text", ["mamba2", "mamba"])
+@pytest.mark.parametrize("implementation", ["graph", "compiled"])
+def test_cuda_graph_decode_equals_the_eager_path(text, implementation):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model, processor = _pair(text, seed=4)
+    model = model.cuda()
+    inputs = _batch(processor).to("cuda")
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    model.config.decode_implementation = "eager"
+    expected = model.generate(**inputs, **kwargs)
+    model.config.decode_implementation = implementation
+    for _ in range(2):  # a second call captures again for its new cache
+        got = model.generate(**inputs, **kwargs)
+        assert torch.equal(got.sequences, expected.sequences)
+        for a, b in zip(got.logits, expected.logits):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert model._static_decoder().graph
+
+
 def test_unknown_decode_implementation_is_refused():
     from utils import tiny_config
 

@@ -18,6 +18,7 @@ saved, reloaded with the Auto classes and scored on held-out videos per question
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ class VideoDemoSettings(DemoSettings):
     hidden_size: int = 96
     lm_layers: int = 2
     frame_template: str | None = None
+    image_warmup_epochs: float = 0.0
 
 
 def make_question(labels: list[int], kind: str, rng: random.Random) -> tuple[str, str] | None:
@@ -178,8 +180,15 @@ def run_video_demo(settings: VideoDemoSettings) -> dict:
         lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=settings.weight_decay, max_grad_norm=1.0,
         logging_steps=100, save_strategy="no", report_to="none", seed=settings.seed,
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=settings.dataloader_workers)
-    trainer = build_trainer(model, processor, args, training_dataset(images, train))
     train_start = time.perf_counter()
+    if settings.image_warmup_epochs:
+        # First teach the vision tower and connector to read a digit (the image demo's questions, one image each);
+        # the frames go through the same tower and connector.
+        from .digits_demo import training_dataset as image_dataset
+
+        warmup_args = dataclasses.replace(args, num_train_epochs=settings.image_warmup_epochs)
+        build_trainer(model, processor, warmup_args, image_dataset(images, labels, train_idx, settings.seed)).train()
+    trainer = build_trainer(model, processor, args, training_dataset(images, train))
     trainer.train()
     train_time = time.perf_counter() - train_start
     trainer.model.save_pretrained(settings.output_dir)
@@ -214,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--held-out-videos", type=int, default=defaults.held_out_videos)
     parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
     parser.add_argument("--lm-layers", type=int, default=defaults.lm_layers)
+    parser.add_argument("--image-warmup-epochs", type=float, default=defaults.image_warmup_epochs,
+                        help="epochs of single-digit image questions before the videos (0: none)")
     parser.add_argument("--frame-template", default=defaults.frame_template,
                         help='text before each frame\'s tokens, formatted with {index} and {time}, e.g. "|"')
     args = parser.parse_args(argv)
@@ -221,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
                                  learning_rate=args.learning_rate, threads=args.threads, seed=args.seed,
                                  train_videos=args.train_videos, held_out_videos=args.held_out_videos,
                                  hidden_size=args.hidden_size, lm_layers=args.lm_layers,
-                                 frame_template=args.frame_template)
+                                 frame_template=args.frame_template, image_warmup_epochs=args.image_warmup_epochs)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     results = run_video_demo(settings)
     print(f"\nHeld-out exact match ({results['num_examples']} questions on videos of unseen digit images): "
