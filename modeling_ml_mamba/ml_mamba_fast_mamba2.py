@@ -86,23 +86,7 @@ class FastMamba2Mixer(Mamba2Mixer):
         """Packed sequences (padding-free training): several samples in one row, ``seq_idx`` (b, l) saying which
         token belongs to which; the conv and the SSM state restart at every boundary, so each sample is computed
         exactly as alone (tests/test_packing.py)."""
-        batch, length, _ = hidden_states.shape
-        hidden_states = apply_mask_to_padding_states(hidden_states, attention_mask)
-        gate, xbc, dt = self.in_proj(hidden_states).split(
-            [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
-        silu = self.activation in ("silu", "swish")
-        conv_out = packed_causal_depthwise_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, seq_idx, silu=silu)
-        conv_out = apply_mask_to_padding_states(conv_out if silu else self.act(conv_out), attention_mask)
-        x, B, C = self._split_xbc(conv_out)
-        y = ssd_chunked(
-            x.reshape(batch, length, self.num_heads, self.head_dim), dt, -torch.exp(self.A_log.float()),
-            B.reshape(batch, length, self.n_groups, self.ssm_state_size),
-            C.reshape(batch, length, self.n_groups, self.ssm_state_size),
-            self.cpu_chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.time_step_limit,
-            seq_idx=seq_idx,
-        )
-        y = self._gated_norm(y.reshape(batch, length, self.intermediate_size), gate)
-        return self.out_proj(y.to(hidden_states.dtype))
+        return self._scan_segment(hidden_states, attention_mask, None, None, want_state=False, seq_idx=seq_idx)[0]
 
     def _gated_norm(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """`self.norm(y, gate)`: RMSNorm of y * silu(gate) per group, times the weight. Overwrites ``gate``."""
@@ -175,19 +159,26 @@ class FastMamba2Mixer(Mamba2Mixer):
             cache_params.update_recurrent_state(state, self.layer_idx)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
-    def _scan_segment(self, hidden_states, attention_mask, context, state, want_state):
+    def _scan_segment(self, hidden_states, attention_mask, context, state, want_state, seq_idx=None):
         """The mixer over one segment after ``context`` (the k - 1 conv inputs before it) and ``state``: returns the
-        output, the last k conv inputs (the conv window) and the SSM state after the segment."""
+        output, the last k conv inputs (the conv window) and the SSM state after the segment. With ``seq_idx``
+        (packed samples; no context, state or window) the conv and the scan restart at every sample boundary."""
         batch, length, _ = hidden_states.shape
         dtype = hidden_states.dtype
         hidden_states = apply_mask_to_padding_states(hidden_states, attention_mask)
         gate, xbc, dt = self.in_proj(hidden_states).split(
             [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
-        window = torch.cat([context.to(xbc.dtype), xbc[:, -self.conv_kernel_size:]], dim=1)[:, -self.conv_kernel_size:]
         silu = self.activation in ("silu", "swish")
-        # In place over the projection's xbc columns (a fresh tensor of ours; the window above is a copy).
-        conv_out = causal_depthwise_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, context, silu=silu,
-                                           inplace=True)
+        if seq_idx is not None:
+            window = None
+            conv_out = packed_causal_depthwise_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, seq_idx,
+                                                      silu=silu)
+        else:
+            window = torch.cat([context.to(xbc.dtype), xbc[:, -self.conv_kernel_size:]], dim=1)
+            window = window[:, -self.conv_kernel_size:]
+            # In place over the projection's xbc columns (a fresh tensor of ours; the window above is a copy).
+            conv_out = causal_depthwise_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, context, silu=silu,
+                                               inplace=True)
         conv_out = conv_out if silu else self.act(conv_out)
         conv_out = apply_mask_to_padding_states(conv_out, attention_mask)
 
@@ -197,7 +188,7 @@ class FastMamba2Mixer(Mamba2Mixer):
             B.reshape(batch, length, self.n_groups, self.ssm_state_size),
             C.reshape(batch, length, self.n_groups, self.ssm_state_size),
             self.cpu_chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.time_step_limit,
-            initial_state=state, return_final_state=want_state,
+            initial_state=state, return_final_state=want_state, seq_idx=seq_idx,
         )
         y, state = result if want_state else (result, None)
         y = self._gated_norm(y.reshape(batch, length, self.intermediate_size), gate)
