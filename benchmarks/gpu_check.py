@@ -454,9 +454,10 @@ def step_speed(device: torch.device, dry_run: bool, deadline: float) -> dict:
 
 
 def _has_mamba1_kernels() -> bool:
-    from transformers.models.mamba import modeling_mamba
+    """Whether mamba-ssm and causal-conv1d are installed (transformers' Mamba-1 then uses their CUDA kernels)."""
+    import importlib.util
 
-    return bool(getattr(modeling_mamba, "is_fast_path_available", False))
+    return all(importlib.util.find_spec(name) is not None for name in ("mamba_ssm", "causal_conv1d"))
 
 
 def _peak_gib(device) -> float | None:

@@ -48,6 +48,8 @@ class VideoDemoSettings(DemoSettings):
     lm_layers: int = 2
     frame_template: str | None = None
     image_warmup_epochs: float = 0.0
+    frame_pool: int = 1
+    short_videos: int = 0
 
 
 def make_question(labels: list[int], kind: str, rng: random.Random) -> tuple[str, str] | None:
@@ -118,6 +120,7 @@ def video_model(tokenizer, settings: VideoDemoSettings):
                          tie_word_embeddings=True, pad_token_id=0, bos_token_id=0, eos_token_id=0),
         connector_type="msc", connector_scan="bidirectional", connector_num_blocks=1, connector_chunk_size=16,
         image_size=8, vision_feature_layer=-1, initializer_range=0.1, vision_batch_size=512,
+        video_frame_pool=settings.frame_pool,
     ).fit_tokenizer(tokenizer, video_token="<video>")
     from transformers import SiglipImageProcessor
 
@@ -188,6 +191,12 @@ def run_video_demo(settings: VideoDemoSettings) -> dict:
 
         warmup_args = dataclasses.replace(args, num_train_epochs=settings.image_warmup_epochs)
         build_trainer(model, processor, warmup_args, image_dataset(images, labels, train_idx, settings.seed)).train()
+    if settings.short_videos:
+        # Then a curriculum step: short videos (2-4 frames), where what to keep is easy to find, before the long ones.
+        short_settings = dataclasses.replace(settings, min_frames=2, max_frames=4)
+        short = make_videos(images, labels, train_idx, settings.short_videos, short_settings, settings.seed + 2)
+        short_args = dataclasses.replace(args, num_train_epochs=1)
+        build_trainer(model, processor, short_args, training_dataset(images, short)).train()
     trainer = build_trainer(model, processor, args, training_dataset(images, train))
     trainer.train()
     train_time = time.perf_counter() - train_start
@@ -225,6 +234,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lm-layers", type=int, default=defaults.lm_layers)
     parser.add_argument("--image-warmup-epochs", type=float, default=defaults.image_warmup_epochs,
                         help="epochs of single-digit image questions before the videos (0: none)")
+    parser.add_argument("--short-videos", type=int, default=defaults.short_videos,
+                        help="videos of 2-4 frames trained on (one epoch) before the 4-16-frame ones (0: none)")
+    parser.add_argument("--frame-pool", type=int, default=defaults.frame_pool,
+                        help="average-pool each frame's token grid by this factor per side (2: 4 -> 1 token a frame)")
     parser.add_argument("--frame-template", default=defaults.frame_template,
                         help='text before each frame\'s tokens, formatted with {index} and {time}, e.g. "|"')
     args = parser.parse_args(argv)
@@ -232,7 +245,8 @@ def main(argv: list[str] | None = None) -> None:
                                  learning_rate=args.learning_rate, threads=args.threads, seed=args.seed,
                                  train_videos=args.train_videos, held_out_videos=args.held_out_videos,
                                  hidden_size=args.hidden_size, lm_layers=args.lm_layers,
-                                 frame_template=args.frame_template, image_warmup_epochs=args.image_warmup_epochs)
+                                 frame_template=args.frame_template, image_warmup_epochs=args.image_warmup_epochs,
+                                 frame_pool=args.frame_pool, short_videos=args.short_videos)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     results = run_video_demo(settings)
     print(f"\nHeld-out exact match ({results['num_examples']} questions on videos of unseen digit images): "
