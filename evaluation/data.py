@@ -170,8 +170,11 @@ def load_examples(task: Task, data: str | None = None, *, split: str | None = No
     if limit is not None and limit < num_rows:
         dataset = dataset.select(range(limit))
     image_column, is_feature = _image_columns(dataset)
+    if task.media == "video":
+        image_column, is_feature = ("video" if "video" in dataset.column_names else None), False
     if image_column is None and joined is None:
-        raise TaskDataError(f"{location}: no image column (one of {IMAGE_FIELDS}) in {dataset.column_names}; "
+        what = "'video'" if task.media == "video" else f"one of {IMAGE_FIELDS}"
+        raise TaskDataError(f"{location}: no image column ({what}) in {dataset.column_names}; "
                             f"rows of task {task.name!r} look like {task.schema} (a .json file holds a list of "
                             f"such rows, a .jsonl file one per line).")
     null_images = set()
@@ -196,7 +199,11 @@ def load_examples(task: Task, data: str | None = None, *, split: str | None = No
                 image = row.get(image_column)
                 if image is None:
                     raise RowError(f"has no image (field {image_column!r} is missing or null)")
-                if isinstance(image, str):
+                if task.media == "video":
+                    if isinstance(image, str) or not image:
+                        raise RowError(f"has 'video' = {image!r}: {task.name} needs a non-empty list of frame paths")
+                    image = [_resolve_path(frame, row, base, image_dir) for frame in image]
+                elif isinstance(image, str):
                     image = _resolve_path(image, row, base, image_dir)
                 elif isinstance(image, dict) and image.get("bytes") is None and image.get("path"):
                     image = _resolve_path(image["path"], row, base, image_dir)

@@ -125,11 +125,14 @@ def user_prompt(processor, task: Task, example: Example, prompt_template: str | 
     template (add_generation_prompt=True) or through `prompt_template` ("{image}", "{prompt}" placeholders)."""
     prompt = task.prompt(example)
     if prompt_template is not None:
-        return prompt_template.format(image=getattr(processor, "image_token", "<image>"), prompt=prompt)
+        placeholder = (getattr(processor, "video_token", "<video>") if task.media == "video"
+                       else getattr(processor, "image_token", "<image>"))
+        return prompt_template.format(image=placeholder, prompt=prompt)
     if getattr(processor, "chat_template", None) is None:
         raise ValueError("The processor has no chat template; pass prompt_template (--prompt-template), e.g. "
                          "'{image}In: {prompt}\\nOut:' for a base model.")
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    media, text = {"type": task.media}, {"type": "text", "text": prompt}
+    messages = [{"role": "user", "content": [text, media] if task.question_first else [media, text]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
@@ -150,8 +153,12 @@ class _Collate:
 
     def __call__(self, examples: list[Example]):
         texts = [user_prompt(self.processor, self.task, example, self.prompt_template) for example in examples]
-        images = [[open_image(example.image)] for example in examples]
-        inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+        if self.task.media == "video":
+            videos = [[[open_image(frame) for frame in example.image]] for example in examples]
+            inputs = self.processor(videos=videos, text=texts, return_tensors="pt", padding=True)
+        else:
+            images = [[open_image(example.image)] for example in examples]
+            inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
         return examples, inputs
 
 

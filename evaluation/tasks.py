@@ -83,6 +83,10 @@ class Task:
     # Next-token scoring (the seed papers' way for POPE/VSR): the candidate answers whose first-token probabilities
     # decide the answer; None for tasks that are scored from generated text only.
     candidates: ClassVar[tuple[str, ...] | None] = None
+    # "image": one image per question (`Example.image`); "video": a list of frames (`Example.image` holds the list,
+    # fed as `videos=`), the question placed before or after it as `question_first` says.
+    media: ClassVar[str] = "image"
+    question_first: ClassVar[bool] = False
     options: ClassVar[dict[str, tuple]] = {}  # option name -> allowed values (first = default)
     schema: ClassVar[str] = ""  # the fields of a local row, for the docs and errors
     headline: ClassVar[tuple[tuple[str, str, str], ...]] = (("accuracy", "accuracy", "accuracy"),)
@@ -252,6 +256,17 @@ class DigitsVQA(GQA):
         return report
 
 
+class VideoDigits(DigitsVQA):
+    """Exact match on questions about a video given as frames, e.g. the video demo's held-out set
+    (``ml-mamba-demo --task video`` writes ``eval/video_digits.jsonl``); the question comes before the video, as the
+    demo trains it."""
+
+    name, title = "video-digits", "video digits"
+    media, question_first = "video", True
+    schema = ('{"question_id", "video": ["frames/<name>.png", ...] (paths relative to the file), "question", '
+              '"answer": str, "question_type" (optional: per-type accuracy)}')
+
+
 class _Binary(Task):
     options = {"answer_mode": ("probabilities", "generate")}
     variant: ClassVar[str]
@@ -366,7 +381,7 @@ class MME(Task):
 
 
 TASKS: dict[str, type[Task]] = {task.name: task for task in (VQAv2, TextVQA, VizWiz, GQA, POPE, VSR, ScienceQAImg,
-                                                             MME, DigitsVQA)}
+                                                             MME, DigitsVQA, VideoDigits)}
 
 
 def get_task(name: str, **options) -> Task:

@@ -159,3 +159,46 @@ def test_training_takes_video_samples(tmp_path):
     assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry)
     after = model.model.connector.state_dict()
     assert any(not torch.equal(before[name], after[name]) for name in before)  # frames reach the connector's grads
+
+
+def test_the_video_digits_task_scores_like_one_by_one_generation(tmp_path):
+    """The video demo's held-out file (`write_held_out_task`), scored by `ml-mamba-eval`'s video-digits task
+    (batched, left padded, question before the video) equals the demo's rule on one-by-one generation."""
+    from sklearn.datasets import load_digits
+
+    from ml_mamba.evaluation import evaluate_model
+    from ml_mamba.training.digits_demo import digit_image, is_correct
+    from ml_mamba.training.video_demo import chat, write_held_out_task
+
+    model, processor = video_model(pool=1, seed=2)
+    images = load_digits().images
+    samples = []
+    for number in range(6):
+        frames = [number + k for k in range(2 + number % 3)]
+        samples.append({"frames": frames, "question_type": ["first", "last"][number % 2],
+                        "question": ["Which digit is shown first?", "Which digit is shown last?"][number % 2]})
+    expected = []
+    for number, sample in enumerate(samples):
+        text = processor.apply_chat_template(chat(sample["question"]), add_generation_prompt=True, tokenize=False)
+        inputs = processor(videos=[[digit_image(images[i]) for i in sample["frames"]]], text=text,
+                           return_tensors="pt")
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=8)
+        answer = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        sample["answer"] = answer if number % 3 else "seven"  # two thirds answered "right"
+        expected.append(is_correct(answer, sample["answer"]))
+    assert 0 < sum(expected) < len(expected)
+    path = write_held_out_task(str(tmp_path / "demo"), images, samples)
+    results = evaluate_model(model, processor, ["video-digits"], tmp_path / "eval", batch_size=4, progress=False,
+                             data={"video-digits": path})
+    metrics = results["results"]["video-digits"]["metrics"]
+    assert metrics["accuracy"] == pytest.approx(sum(expected) / len(expected))
+    assert set(metrics["accuracy_by_question_type"]) == {"first", "last"}
+
+
+def test_a_video_row_without_frames_is_refused(tmp_path):
+    from ml_mamba.evaluation import TaskDataError, get_task, load_examples
+
+    path = tmp_path / "videos.jsonl"
+    path.write_text('{"question_id": "a", "video": "clip.mp4", "question": "Which digit?", "answer": "one"}\n')
+    with pytest.raises(TaskDataError, match="needs a non-empty list of frame paths"):
+        load_examples(get_task("video-digits"), str(path))

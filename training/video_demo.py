@@ -130,6 +130,23 @@ def video_model(tokenizer, settings: VideoDemoSettings):
     return MLMambaForConditionalGeneration(config), processor
 
 
+def write_held_out_task(output_dir: str, images, samples: list[dict]) -> str:
+    """``eval/video_digits.jsonl`` + ``eval/images/*.png``: the held-out videos as `ml-mamba-eval`'s video-digits
+    task (each frame a path to its digit image). Returns the file's path."""
+    image_dir = os.path.join(output_dir, "eval", "images")
+    os.makedirs(image_dir, exist_ok=True)
+    for index in sorted({i for sample in samples for i in sample["frames"]}):
+        digit_image(images[index]).save(os.path.join(image_dir, f"digit_{index:04d}.png"))
+    path = os.path.join(output_dir, "eval", "video_digits.jsonl")
+    with open(path, "w") as handle:
+        for number, sample in enumerate(samples):
+            handle.write(json.dumps({
+                "question_id": f"{number:04d}-{sample['question_type']}",
+                "video": [f"images/digit_{i:04d}.png" for i in sample["frames"]], "question": sample["question"],
+                "answer": sample["answer"], "question_type": sample["question_type"]}) + "\n")
+    return path
+
+
 def training_dataset(images, samples: list[dict]):
     from datasets import Dataset
 
@@ -208,8 +225,8 @@ def run_video_demo(settings: VideoDemoSettings) -> dict:
     videos = [[digit_image(images[i]) for i in sample["frames"]] for sample in held]
     predictions = answer_videos(reloaded, reloaded_processor, videos, [s["question"] for s in held])
     results = score(held, predictions)
-    os.makedirs(os.path.join(settings.output_dir, "eval"), exist_ok=True)
-    with open(os.path.join(settings.output_dir, "eval", "video_digits.jsonl"), "w") as handle:
+    write_held_out_task(settings.output_dir, images, held)
+    with open(os.path.join(settings.output_dir, "eval", "video_digits_predictions.jsonl"), "w") as handle:
         for sample, prediction in zip(held, predictions):
             handle.write(json.dumps({**sample, "prediction": prediction}) + "\n")
     results.update(train_time_s=train_time, total_time_s=time.perf_counter() - started,
