@@ -105,6 +105,41 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(results: dict, path: str) -> None:
+    """Prefill seconds, decode ms/token and the cache held between steps against the frame count, per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"ml-mamba": "tab:green", "llava": "tab:red"}
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    for arm in dict.fromkeys(row["arm"] for row in results["rows"]):
+        rows = [row for row in results["rows"] if row["arm"] == arm and "error" not in row]
+        frames = [row["frames"] for row in rows]
+        for axis, values in zip(axes, ([row["prefill_s"] for row in rows], [row["decode_ms"] for row in rows],
+                                       [row["cache_bytes"] / 2**20 for row in rows])):
+            axis.plot(frames, values, "-o", color=colors.get(arm), label=arm, linewidth=2)
+        stopped = [row for row in results["rows"] if row["arm"] == arm and "error" in row]
+        if stopped:
+            axes[0].annotate(f"{arm}: {stopped[0]['frames']} frames not run", xy=(0.02, 0.92),
+                             xycoords="axes fraction", fontsize=7, color=colors.get(arm))
+    titles = ("prefill seconds", "decode ms per token after the video", "cache held between steps (MB)")
+    for axis, title in zip(axes, titles):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("frames (729 tokens each)" if results["meta"]["pool"] == 1 else "frames")
+        axis.set_title(title)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
+    meta = results["meta"]
+    figure.suptitle(f"Video prompts: ML-Mamba vs LLaVA, size {meta['size']}, CPU {meta['threads']} threads, "
+                    f"float32", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="s", choices=sorted(vlm_pair.SIZES))
@@ -119,7 +154,12 @@ def main(argv=None):
     parser.add_argument("--output", default="benchmarks/results/video")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--arm", help=argparse.SUPPRESS)
+    parser.add_argument("--plot-only", action="store_true", help="redraw <output>.png from <output>.json")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        with open(args.output + ".json") as handle:
+            plot(json.load(handle), args.output + ".png")
+        return
     if args.worker:
         args.frames = args.frames[0]
         print(json.dumps(worker(args)))
@@ -143,6 +183,7 @@ def main(argv=None):
     meta["load_after"] = vlm_pair.load_average()
     results = {"meta": meta, "rows": rows}
     vlm_pair.write_report(args.output, results, markdown(results))
+    plot(results, args.output + ".png")
 
 if __name__ == "__main__":
     main()
