@@ -130,7 +130,8 @@ def step_environment(device: torch.device, dry_run: bool) -> dict:
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "transformers": transformers.__version__, "device": str(device)}
-    for name in ("trl", "peft", "accelerate", "datasets", "triton", "mamba_ssm", "causal_conv1d"):
+    for name in ("huggingface_hub", "trl", "peft", "accelerate", "datasets", "pyarrow", "numpy", "triton",
+                 "mamba_ssm", "causal_conv1d"):
         try:
             module = __import__(name)
             info[name] = getattr(module, "__version__", "present")
@@ -249,12 +250,13 @@ def step_equality(device: torch.device, dry_run: bool) -> dict:
         label = "Mamba-2 (ML-Mamba)" if text == "mamba2" else "Mamba-1 (Cobra)"
         for dtype in dtypes:
             candidate = to_dtype(copy.deepcopy(model), dtype).to(device)
-            device_inputs = inputs.to(device)
+            # new tensors (BatchFeature.to moves in place), the pixels in the model's dtype
+            device_inputs = {key: value.to(device) for key, value in inputs.items()}
             device_inputs["pixel_values"] = device_inputs["pixel_values"].to(dtype)
             with torch.no_grad():
                 out, seconds = timed(device, lambda: candidate(**device_inputs).logits)
                 mask = inputs["attention_mask"].bool()
-                checks.append(_check(f"{label} forward", dtype, relative_error(out[mask], reference[mask]),
+                checks.append(_check(f"{label} forward", dtype, relative_error(out.cpu()[mask], reference[mask]),
                                      TOLERANCE[dtype], seconds))
 
                 # prefill of all but the last 4 tokens, then 4 cached one-token steps, vs the full forward

@@ -34,6 +34,8 @@ from .digits_demo import NUMBER_WORDS, DemoSettings, digit_image, score, split_d
 # the vision side a direct signal (without them the model does not learn to read the frames in 10 minutes).
 QUESTION_TYPES = ("count_odd", "after", "first_plus_last", "first", "last")
 MULTI_FRAME_TYPES = QUESTION_TYPES[:3]
+# Training asks the multi-frame questions twice as often as the single-frame ones (held-out: all types equally).
+TRAINING_MIX = MULTI_FRAME_TYPES * 2 + QUESTION_TYPES[3:]
 
 
 @dataclass
@@ -67,8 +69,10 @@ def make_question(labels: list[int], kind: str, rng: random.Random) -> tuple[str
     return f"Which digit comes right after the {NUMBER_WORDS[digit]}?", NUMBER_WORDS[labels[labels.index(digit) + 1]]
 
 
-def make_videos(images, labels, indices, count: int, settings: VideoDemoSettings, seed: int) -> list[dict]:
-    """``count`` samples: frames (digit image indices), their labels, one question of a rotating type, the answer."""
+def make_videos(images, labels, indices, count: int, settings: VideoDemoSettings, seed: int,
+                kinds: tuple[str, ...] = QUESTION_TYPES) -> list[dict]:
+    """``count`` samples: frames (digit image indices), their labels, one question of a type rotating through
+    ``kinds`` (repeat a type to ask it more often), the answer."""
     rng = random.Random(seed)
     pool = list(indices)
     samples = []
@@ -76,7 +80,7 @@ def make_videos(images, labels, indices, count: int, settings: VideoDemoSettings
         length = rng.randint(settings.min_frames, settings.max_frames)
         frames = [int(rng.choice(pool)) for _ in range(length)]
         frame_labels = [int(labels[i]) for i in frames]
-        kind = QUESTION_TYPES[len(samples) % len(QUESTION_TYPES)]
+        kind = kinds[len(samples) % len(kinds)]
         qa = make_question(frame_labels, kind, rng)
         if qa is not None:
             samples.append({"frames": frames, "labels": frame_labels, "question_type": kind,
@@ -187,7 +191,7 @@ def run_video_demo(settings: VideoDemoSettings) -> dict:
     torch.set_num_threads(settings.threads)
     started = time.perf_counter()
     images, labels, train_idx, held_idx = split_digits(settings.held_out_fraction, settings.seed)
-    train = make_videos(images, labels, train_idx, settings.train_videos, settings, settings.seed)
+    train = make_videos(images, labels, train_idx, settings.train_videos, settings, settings.seed, TRAINING_MIX)
     held = make_videos(images, labels, held_idx, settings.held_out_videos, settings, settings.seed + 1)
     tokenizer = video_tokenizer()
     model, processor = video_model(tokenizer, settings)
