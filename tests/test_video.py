@@ -202,3 +202,28 @@ def test_a_video_row_without_frames_is_refused(tmp_path):
     path.write_text('{"question_id": "a", "video": "clip.mp4", "question": "Which digit?", "answer": "one"}\n')
     with pytest.raises(TaskDataError, match="needs a non-empty list of frame paths"):
         load_examples(get_task("video-digits"), str(path))
+
+
+def test_the_video_demo_runs_end_to_end_and_its_task_reproduces_its_score(tmp_path):
+    """`ml-mamba-demo --task video` in miniature: the three training stages, save, reload (the frame separator
+    kept), per-type scores, and the held-out file that `ml-mamba-eval` scores to the same accuracy."""
+    import json
+
+    from transformers import AutoProcessor
+
+    from ml_mamba.evaluation import evaluate_model, load_model
+    from ml_mamba.training.video_demo import QUESTION_TYPES, VideoDemoSettings, run_video_demo
+
+    settings = VideoDemoSettings(output_dir=str(tmp_path / "demo"), train_videos=40, held_out_videos=15,
+                                 short_videos=20, image_warmup_epochs=0.05, epochs=1, batch_size=8,
+                                 dataloader_workers=0, lm_layers=2, hidden_size=32)
+    results = run_video_demo(settings)
+    assert results["num_examples"] == 15 and set(results["per_type"]) == set(QUESTION_TYPES)
+    assert AutoProcessor.from_pretrained(settings.output_dir, trust_remote_code=True).frame_template == "|"
+    saved = json.loads((tmp_path / "demo" / "eval" / "demo_results.json").read_text())
+    assert saved["overall"] == results["overall"]
+    model, processor = load_model(settings.output_dir)
+    harness = evaluate_model(model, processor, ["video-digits"], tmp_path / "eval", batch_size=200, progress=False,
+                             max_new_tokens=4, data={"video-digits": str(tmp_path / "demo" / "eval" /
+                                                                          "video_digits.jsonl")})
+    assert harness["results"]["video-digits"]["metrics"]["accuracy"] == pytest.approx(results["overall"])
