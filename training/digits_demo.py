@@ -19,6 +19,7 @@ question by greedy generation, and answers a few through ``pipeline("image-text-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -186,15 +187,22 @@ def score(rows: list[dict], predictions: list[str]) -> dict:
             "num_examples": len(every)}
 
 
+@contextlib.contextmanager
+def demo_threads(threads: int):
+    """A demo's compute threads for the duration of its run (the caller's count restored after)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the data-loading worker is a fork
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def run_demo(settings: DemoSettings) -> dict:
     """Train, save, reload, score and answer through the pipeline; returns the results dict."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the data-loading worker is a fork
-    threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
-    try:
+    with demo_threads(settings.threads):
         return _run_demo(settings)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run_demo(settings: DemoSettings) -> dict:

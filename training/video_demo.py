@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .digits_demo import NUMBER_WORDS, DemoSettings, digit_image, score, split_digits
+from .digits_demo import NUMBER_WORDS, DemoSettings, demo_threads, digit_image, score, split_digits
 
 # The issue's three multi-frame questions, and two single-frame ones ("Which digit is shown first / last?") that give
 # the vision side a direct signal (without them the model does not learn to read the frames in 10 minutes).
@@ -186,13 +186,8 @@ def answer_videos(model, processor, videos: list[list], questions: list[str], ba
 
 def run_video_demo(settings: VideoDemoSettings) -> dict:
     """Train, save, reload and score the video demo; returns the results dict (overall and per question type)."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the data-loading worker is a fork
-    threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
-    try:
+    with demo_threads(settings.threads):
         return _run_video_demo(settings)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run_video_demo(settings: VideoDemoSettings) -> dict:
