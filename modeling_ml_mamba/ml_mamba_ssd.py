@@ -147,9 +147,12 @@ def _ssd_segment(x_dt, A_dt, B, C, chunk_size, state, track_grad, seq=None, stat
         start = (state.view(batch, state_size, heads, head_dim) if state is not None
                  else x_dt.new_zeros(batch, state_size, heads, head_dim))
         starts = [start]
-        for i in range(c):
-            starts.append(starts[-1] * chunk_decay[:, i] + chunk_states[:, i])
-        starts = torch.stack(starts, dim=1)  # (b, c + 1, n, h, p)
+        # unbind once: indexing [:, i] in the loop would make autograd zero-fill and add a full-size gradient per
+        # chunk (c^2 memory traffic in backward)
+        for decay_i, states_i in zip(chunk_decay.unbind(1), chunk_states.unbind(1)):
+            starts.append(starts[-1] * decay_i + states_i)
+        final = starts.pop()  # kept apart, so that no slice of a stacked tensor zero-fills a gradient in backward
+        starts = torch.stack(starts, dim=1)  # (b, c, n, h, p)
     else:  # in place into one buffer
         starts = x_dt.new_empty(batch, c + 1, state_size, heads, head_dim)
         if state is None:
@@ -158,10 +161,11 @@ def _ssd_segment(x_dt, A_dt, B, C, chunk_size, state, track_grad, seq=None, stat
             starts[:, 0].copy_(state.view(batch, state_size, heads, head_dim))
         for i in range(c):
             torch.addcmul(chunk_states[:, i], starts[:, i], chunk_decay[:, i], out=starts[:, i + 1])
-    starts = starts.view(batch, c + 1, state_size, heads * head_dim)
+        starts, final = starts[:, :c], starts[:, c]
+    starts = starts.flatten(-2)  # (b, c, n, h * p)
 
     # 4. What the state a chunk starts from contributes: y_l += exp(cum_l) C_l . state
-    y = torch.matmul(C, starts[:, :c]).view(batch, c, q, heads, head_dim)
+    y = torch.matmul(C, starts).view(batch, c, q, heads, head_dim)
     decay_from_start = cum.clamp(min=LOG_DECAY_FLOOR).exp()[..., None]  # (b, c, q, h, 1)
     if seq is not None:  # ... to the tokens of the sequence it belongs to only
         decay_from_start = decay_from_start * _same(seq, entering[:, :, None])[..., None, None]
@@ -170,7 +174,7 @@ def _ssd_segment(x_dt, A_dt, B, C, chunk_size, state, track_grad, seq=None, stat
     else:
         y = torch.addcmul(y_diag.transpose(2, 3), y, decay_from_start, out=y)
     y = y.reshape(batch, c * q, heads, head_dim)
-    return (y[:, :length] if pad else y), starts[:, c]
+    return (y[:, :length] if pad else y), final.flatten(-2)
 
 
 def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=False,
