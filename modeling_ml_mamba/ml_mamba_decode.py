@@ -199,8 +199,7 @@ class StaticDecoder:
                  graph: bool = False):
         if kind not in ("mamba2", "mamba"):
             raise ValueError(f"The static decode step supports mamba2 and mamba language models, got {kind!r}.")
-        self.language_model, self.lm_head, self.kind, self.compiled = language_model, lm_head, kind, compiled
-        self.requested_graph = graph
+        self.language_model, self.lm_head, self.kind = language_model, lm_head, kind
         device = next(language_model.parameters()).device
         self.graph = graph = (graph or compiled) and device.type == "cuda"
         # eager: MKL's GEMV wants the transposed layout; compiled: `project`'s fused reduction wants the default one

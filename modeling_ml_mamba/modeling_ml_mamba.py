@@ -489,13 +489,12 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
     def _static_decoder(self) -> StaticDecoder:
         """The decoder for ``config.decode_implementation`` (built once, rebuilt when the setting changes)."""
         implementation = getattr(self.config, "decode_implementation", "static")
-        compiled, graph = implementation == "compiled", implementation == "graph"
-        decoder = self.__dict__.get("_decoder")
-        if decoder is None or (decoder.compiled, decoder.requested_graph) != (compiled, graph):
+        built = self.__dict__.get("_decoder")  # (implementation, decoder); not a submodule: it only refers to ours
+        if built is None or built[0] != implementation:
             decoder = StaticDecoder(self.model.language_model, self.lm_head, self.config.text_config.model_type,
-                                    compiled=compiled, graph=graph)
-            self.__dict__["_decoder"] = decoder  # not a submodule: it only refers to ours
-        return decoder
+                                    compiled=implementation == "compiled", graph=implementation == "graph")
+            built = self.__dict__["_decoder"] = (implementation, decoder)
+        return built[1]
 
 
 __all__ = ["MLMambaPreTrainedModel", "MLMambaModel", "MLMambaForConditionalGeneration"]
