@@ -125,20 +125,10 @@ def plot(results: dict, path: str) -> None:
             axes[0].annotate(f"{arm}: {stopped[0]['frames']} frames not run", xy=(0.02, 0.92),
                              xycoords="axes fraction", fontsize=7, color=colors.get(arm))
     titles = ("prefill seconds", "decode ms per token after the video", "cache held between steps (MB)")
-    for axis, title in zip(axes, titles):
-        axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
-        axis.set_xlabel("frames (729 tokens each)" if results["meta"]["pool"] == 1 else "frames")
-        axis.set_title(title)
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=8)
     meta = results["meta"]
-    figure.suptitle(f"Video prompts: ML-Mamba vs LLaVA, size {meta['size']}, CPU {meta['threads']} threads, "
-                    f"float32", fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
+    vlm_pair.finish_log_plot(
+        figure, axes, titles, "frames (729 tokens each)" if meta["pool"] == 1 else "frames",
+        f"Video prompts: ML-Mamba vs LLaVA, size {meta['size']}, CPU {meta['threads']} threads, float32", path)
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

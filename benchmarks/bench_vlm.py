@@ -311,6 +311,8 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import vlm_pair
+
     colors = {"ml-mamba": "tab:green", "ml-mamba-hf": "tab:olive", "llava": "tab:red"}
     widths = {"ml-mamba": 3.0, "ml-mamba-hf": 1.2, "llava": 2.0}  # the hf arm shares ML-Mamba's cache line
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.6))
@@ -329,21 +331,10 @@ def plot(results: dict, path: str) -> None:
         axes[2].plot(contexts, [r["prefill_s"] for r in rows], "-o", label=arm, **style)
     titles = ("decode ms per step (batch 1: per token)", "cache held between steps (MB)",
               "prefill seconds (batch 1)")
-    for axis, title in zip(axes, titles):
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("context tokens (image + prompt)")
-        axis.set_title(title)
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=7)
-    for axis in axes:
-        axis.set_yscale("log")
     meta = results["meta"]
-    figure.suptitle(f"ML-Mamba vs LLaVA (Llama), matched {meta['lm_params_m']} M-parameter LMs, CPU "
-                    f"{meta['threads']} threads, float32", fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
+    vlm_pair.finish_log_plot(figure, axes, titles, "context tokens (image + prompt)",
+                             f"ML-Mamba vs LLaVA (Llama), matched {meta['lm_params_m']} M-parameter LMs, CPU "
+                             f"{meta['threads']} threads, float32", path, legend_size=7)
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -172,3 +172,21 @@ def write_report(output: str, results: dict, table: str) -> None:
     with open(output + ".md", "w") as handle:
         handle.write(table)
     print(table)
+
+
+def finish_log_plot(figure, axes, titles, xlabel: str, suptitle: str, path: str, legend_size: int = 8) -> None:
+    """The benchmarks' plots: log-log axes (x in powers of 2) with titles, grids and legends, a title over all;
+    written to ``path`` and closed."""
+    import matplotlib.pyplot as plt
+
+    for axis, title in zip(axes, titles):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel(xlabel)
+        axis.set_title(title)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=legend_size)
+    figure.suptitle(suptitle, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
