@@ -344,7 +344,7 @@ LLAVA_SAME_SIZE = dict(hidden_size=2560, num_hidden_layers=32, num_attention_hea
 
 
 def _speed_models(dry_run: bool) -> list[tuple[str, callable]]:
-    """(arm, builder) pairs; each builder returns (model, processor) on CPU in float32... or straight on ``device``."""
+    """(arm, builder) pairs; each builder returns a float32 model with random weights, on the current default device."""
     import vlm_pair
 
     if dry_run:
