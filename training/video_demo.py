@@ -11,11 +11,11 @@ the split of the image demo). Three question types, each needing several frames:
 
 The question comes before the video (``[question, <video>]`` in the user turn), so the recurrent state knows what to
 keep while it reads the frames; a separator token ("|") precedes each frame. The image demo's small ML-Mamba (4 LM
-layers, a causal conv of 8 tokens) with video support (``video_token_id``), trained from scratch by TRL's `SFTTrainer` through
-``build_trainer`` (video samples in a ``videos`` column) in three stages: the image demo's single-digit questions
-(2 epochs), 6,000 short videos of 2-4 frames, then the 12,000 videos of 4-16 frames (3.5 epochs); then saved,
-reloaded with the Auto classes and scored on held-out videos per question type. The held-out set is also written as
-`ml-mamba-eval`'s ``video-digits`` task (``eval/video_digits.jsonl``).
+layers, a causal conv of 8 tokens) with video support (``video_token_id``), trained from scratch by TRL's
+`SFTTrainer` through ``build_trainer`` (video samples in a ``videos`` column) in three stages: the image demo's
+single-digit questions (2 epochs), 6,000 short videos of 2-4 frames, then the 12,000 videos of 4-16 frames (3.5
+epochs); then saved, reloaded with the Auto classes and scored on held-out videos per question type. The held-out
+set is also written as `ml-mamba-eval`'s ``video-digits`` task (``eval/video_digits.jsonl``).
 """
 
 from __future__ import annotations
