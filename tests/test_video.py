@@ -9,6 +9,7 @@ from transformers import SiglipImageProcessor
 from utils import IMAGE_SIZE, digit_images, tiny_config, tokenizer
 
 from modeling_ml_mamba import MLMambaForConditionalGeneration, MLMambaProcessor
+from modeling_ml_mamba.ml_mamba_compat import CACHE_NAME
 from ml_mamba.processing.ml_mamba_video_utils import load_video, sample_indices
 
 
@@ -130,6 +131,37 @@ def test_frames_are_encoded_in_bounded_batches_and_pooled():
         tiny_config("mlp", video_frame_pool=0)
 
 
+def test_a_long_prefill_runs_the_language_model_in_segments_with_the_same_results():
+    """A prompt longer than `lm_prefill_segment` goes through the LM a segment at a time (all layers per segment,
+    the cache carried between): the logits, the cache and the generated tokens of a left-padded batch equal those
+    of the whole prompt at once."""
+    model, processor = video_model()
+    texts = ["A long look.<video>Which digits?", "<video>Which?"]
+    inputs = processor(text=texts, videos=[digit_images(4), digit_images(2, start=4)], padding=True,
+                       return_tensors="pt")
+    length = inputs["input_ids"].shape[1]
+    calls = []
+    model.model.language_model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(
+        kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+    results = {}
+    for segment in (10_000, 7):
+        model.model.lm_prefill_segment = segment
+        calls.clear()
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+        prefill_calls = list(calls)
+        generated = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        results[segment] = out, prefill_calls, generated
+    assert results[10_000][1] == [length]
+    assert len(results[7][1]) == -(-length // 7) and sum(results[7][1]) == length and min(results[7][1]) > 1
+    whole, pieces = results[10_000][0], results[7][0]
+    torch.testing.assert_close(pieces.logits, whole.logits, atol=1e-5, rtol=1e-4)
+    for layer in range(model.config.text_config.num_hidden_layers):
+        torch.testing.assert_close(getattr(pieces, CACHE_NAME).get_recurrent_state(layer),
+                                   getattr(whole, CACHE_NAME).get_recurrent_state(layer), atol=1e-5, rtol=1e-4)
+    assert torch.equal(results[7][2], results[10_000][2])
+
+
 def test_training_takes_video_samples(tmp_path):
     """`build_trainer` (TRL's SFTTrainer and collator) trains on samples whose user turn holds a video; the loss is
     on the answers and the weights move."""
@@ -202,6 +234,26 @@ def test_a_video_row_without_frames_is_refused(tmp_path):
     path.write_text('{"question_id": "a", "video": "clip.mp4", "question": "Which digit?", "answer": "one"}\n')
     with pytest.raises(TaskDataError, match="needs a non-empty list of frame paths"):
         load_examples(get_task("video-digits"), str(path))
+
+
+def test_the_question_mix_sets_how_often_each_type_is_asked_and_answers_are_right():
+    from collections import Counter
+
+    from ml_mamba.training.digits_demo import NUMBER_WORDS, split_digits
+    from ml_mamba.training.video_demo import VideoDemoSettings, make_videos
+
+    images, labels, train_idx, _ = split_digits(0.2, 0)
+    samples = make_videos(images, labels, train_idx, 30, VideoDemoSettings(), 0, ("after", "count_odd", "after"))
+    assert Counter(s["question_type"] for s in samples) == {"after": 20, "count_odd": 10}
+    for sample in samples:
+        frames = sample["labels"]
+        assert frames == [int(labels[i]) for i in sample["frames"]]
+        if sample["question_type"] == "count_odd":
+            assert sample["answer"] == str(sum(d % 2 for d in frames))
+        else:
+            named = NUMBER_WORDS.index(sample["question"].rsplit(" ", 1)[-1].rstrip("?"))
+            assert frames.count(named) == 1 and frames.index(named) < len(frames) - 1
+            assert sample["answer"] == NUMBER_WORDS[frames[frames.index(named) + 1]]
 
 
 def test_the_video_demo_runs_end_to_end_and_its_task_reproduces_its_score(tmp_path):

@@ -199,6 +199,18 @@ def demo_threads(threads: int):
         torch.set_num_threads(previous)
 
 
+def demo_sft_config(settings: DemoSettings):
+    """The demos' `MLMambaSFTConfig`: cosine schedule, no checkpoints, on the CPU unless a GPU is there."""
+    from .arguments import MLMambaSFTConfig
+
+    return MLMambaSFTConfig(
+        output_dir=settings.output_dir, num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size, learning_rate=settings.learning_rate,
+        lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=settings.weight_decay, max_grad_norm=1.0,
+        logging_steps=100, save_strategy="no", report_to="none", seed=settings.seed,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=settings.dataloader_workers)
+
+
 def run_demo(settings: DemoSettings) -> dict:
     """Train, save, reload, score and answer through the pipeline; returns the results dict."""
     with demo_threads(settings.threads):
@@ -210,7 +222,7 @@ def _run_demo(settings: DemoSettings) -> dict:
 
     from ml_mamba.model_cards import save_model_card
 
-    from .arguments import LORA_TARGETS, MLMambaSFTConfig
+    from .arguments import LORA_TARGETS
     from .train import build_trainer
 
     started = time.perf_counter()
@@ -228,12 +240,7 @@ def _run_demo(settings: DemoSettings) -> dict:
     print(f"Model: ML-Mamba (SigLIP-style tower -> MSC connector -> Mamba-2 LM), "
           f"{model.num_parameters():,} parameters, {model.config.num_image_tokens} image tokens, trained from scratch.")
 
-    args = MLMambaSFTConfig(
-        output_dir=settings.output_dir, num_train_epochs=settings.epochs,
-        per_device_train_batch_size=settings.batch_size, learning_rate=settings.learning_rate,
-        lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=settings.weight_decay, max_grad_norm=1.0,
-        logging_steps=100, save_strategy="no", report_to="none", seed=settings.seed,
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=settings.dataloader_workers)
+    args = demo_sft_config(settings)
     peft_config = None
     if settings.lora:
         # LoRA on the LM mixers' in_proj (the rest of the LM stays at its random init); the vision tower and the
