@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ml_mamba_compat import CACHE_NAME, Mamba2Mixer, advance_cache_count, force_accelerate_hooks, pick_cache
-from .ml_mamba_scan import causal_depthwise_conv1d, packed_causal_depthwise_conv1d
+from .ml_mamba_scan import causal_depthwise_conv1d
 from .ml_mamba_ssd import CPU_CHUNK_SIZE, ssd_chunked, ssd_step
 
 # Tokens per prefill segment when no gradient is tracked.
@@ -171,8 +171,8 @@ class FastMamba2Mixer(Mamba2Mixer):
         silu = self.activation in ("silu", "swish")
         if seq_idx is not None:
             window = None
-            conv_out = packed_causal_depthwise_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, seq_idx,
-                                                      silu=silu)
+            conv_out = causal_depthwise_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, silu=silu,
+                                               seq_idx=seq_idx)
         else:
             window = torch.cat([context.to(xbc.dtype), xbc[:, -self.conv_kernel_size:]], dim=1)
             window = window[:, -self.conv_kernel_size:]

@@ -30,36 +30,23 @@ except Exception:
 SCAN_DIRECTIONS = {"bidirectional": 2, "cross": 4}
 
 
-def packed_causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                                   seq_idx: torch.Tensor, silu: bool = False) -> torch.Tensor:
-    """`causal_depthwise_conv1d` over packed sequences: no input reaches across a boundary of ``seq_idx`` (b, l),
-    each sequence starting from zeros as it would alone. Out of place (a training path)."""
-    length, kernel = x.shape[1], weight.shape[-1]
-    accumulate = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    taps = weight.to(accumulate).t()  # (k, channels)
-    seq_idx = seq_idx.to(x.device).expand(x.shape[0], length)
-    out = x.to(accumulate) * taps[-1]
-    for lag in range(1, min(kernel, length)):
-        same = (seq_idx[:, lag:] == seq_idx[:, :-lag]).to(accumulate)[..., None]  # input t - lag in t's sequence
-        shifted = x[:, :-lag].to(accumulate) * taps[kernel - 1 - lag] * same
-        out = out + F.pad(shifted, (0, 0, lag, 0))
-    if bias is not None:
-        out = out + bias.to(accumulate)
-    return (F.silu(out) if silu else out).to(x.dtype)
-
-
 def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                             previous: torch.Tensor | None = None, silu: bool = False, inplace: bool = False,
-                            block: int = 256) -> torch.Tensor:
+                            block: int = 256, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
     """Depthwise causal conv1d over (batch, length, channels), in that layout, optionally followed by SiLU.
 
     weight (channels, k), bias (channels,), previous (batch, k - 1, channels): the inputs before ``x`` (zeros if
     None). Written as k shifted multiply-adds, which on CPU beats `F.conv1d` and the two transposes it would need
     here. Without autograd it works ``block`` rows at a time (the k passes stay in cache) and, with ``inplace``,
     writes the result over ``x`` (last block first), which saves allocating (and page-faulting) an output as large
-    as the input. Accumulates in float32 for float16/bfloat16 inputs.
+    as the input. Accumulates in float32 for float16/bfloat16 inputs. With ``seq_idx`` (b, l), packed sequences: no
+    input reaches across a boundary, each sequence starts from zeros as it would alone (no ``previous`` then).
     """
+    if seq_idx is not None and previous is not None:
+        raise ValueError("causal_depthwise_conv1d: packed sequences (seq_idx) start from zeros; pass no `previous`.")
     length, kernel = x.shape[1], weight.shape[-1]
+    if seq_idx is not None:
+        seq_idx = seq_idx.to(x.device).expand(x.shape[0], length)
     accumulate = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     taps = weight.to(accumulate).t().contiguous()  # (k, channels): taps[k - 1 - lag] multiplies input[t - lag]
     bias = bias.to(accumulate) if bias is not None else None
@@ -76,7 +63,10 @@ def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
         for lag in range(1, kernel):
             first = max(start, lag)  # the first row whose input[t - lag] lies in x
             if end > first:
-                piece[:, first - start:].addcmul_(x[:, first - lag:end - lag], taps[kernel - 1 - lag])
+                inputs = x[:, first - lag:end - lag]
+                if seq_idx is not None:  # input t - lag counts only inside t's own sequence
+                    inputs = inputs * (seq_idx[:, first:end] == seq_idx[:, first - lag:end - lag])[..., None]
+                piece[:, first - start:].addcmul_(inputs, taps[kernel - 1 - lag])
             if previous is not None and start < lag:  # rows that reach back into the previous inputs
                 count, begin = min(lag, end) - start, kernel - 1 - lag + start
                 piece[:, :count].addcmul_(previous[:, begin:begin + count], taps[kernel - 1 - lag])

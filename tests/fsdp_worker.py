@@ -43,4 +43,7 @@ if rank == 0:
     processor.save_pretrained(output_dir)
     with open(f"{output_dir}/fsdp_run.json", "w") as handle:
         json.dump({"losses": losses, "parameter_type": sharded, "wrapped": len(wrapped)}, handle)
+# Both ranks tear gloo down together: a rank that destroys its process group while the other still holds the
+# connection open (rank 0 saving above) was seen to abort ("terminate called without an active exception").
+dist.barrier()
 dist.destroy_process_group()
