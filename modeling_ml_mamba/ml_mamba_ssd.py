@@ -82,6 +82,12 @@ def ssd_sequential(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, dt_l
     return (y, state) if return_final_state else y
 
 
+def equal_part_length(length: int, most: int) -> int:
+    """The length of the parts when ``length`` tokens are split into as few parts of at most ``most`` as possible,
+    all of one length (the last may be shorter by less than one per part): 82 at most 64 -> 41, not 64 + 18."""
+    return -(-length // -(-length // most))
+
+
 def _same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a == b).float()
 
@@ -100,8 +106,8 @@ def _ssd_segment(x_dt, A_dt, B, C, chunk_size, state, track_grad, seq=None, stat
     state_size = B.shape[-1]
     # As many chunks as chunk_size needs, of equal length: padding stays below one token per chunk (82 tokens at
     # chunk_size 64: 2 chunks of 41, not 2 of 64), and the quadratic in-chunk work shrinks with it.
-    c = -(-length // chunk_size)
-    q = -(-length // c)
+    q = equal_part_length(length, chunk_size)
+    c = -(-length // q)
     pad = c * q - length
     if pad:
         x_dt = F.pad(x_dt, (0, 0, 0, 0, 0, pad))

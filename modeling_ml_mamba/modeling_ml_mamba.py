@@ -24,6 +24,7 @@ from .ml_mamba_decode import StaticDecoder, can_decode_statically, input_dtype, 
 from .ml_mamba_fast_mamba2 import enable_fast_mamba2
 from .ml_mamba_norm import GatedRMSNorm
 from .ml_mamba_scan import ScanDirection
+from .ml_mamba_ssd import equal_part_length
 from .ml_mamba_vision import build_vision_tower
 
 
@@ -106,7 +107,7 @@ class MLMambaPreTrainedModel(PreTrainedModel):
 class MLMambaModel(MLMambaPreTrainedModel):
     """Vision tower + connector + Mamba LM, without the LM head. Returns the LM's hidden states."""
 
-    # Tokens per language-model call of a long Mamba-2 prefill without gradients on CPU (`_prefill_in_segments`).
+    # Tokens per language-model call of a long Mamba-2 prefill without gradients on CPU (`_prefills_in_segments`).
     lm_prefill_segment = 16384
 
     def __init__(self, config: MLMambaConfig):
@@ -281,9 +282,17 @@ class MLMambaModel(MLMambaPreTrainedModel):
                                           output_hidden_states=bool(output_hidden_states), return_dict=True,
                                           seq_idx=seq_idx)
         elif self.config.text_config.model_type == "mamba" and _is_decoding(cache) and inputs_embeds.shape[1] > 1:
-            outputs = self._continue_token_by_token(inputs_embeds, attention_mask, cache, output_hidden_states)
+            # Several new tokens on top of a Mamba-1 state (a conversation's next turn), one step each:
+            # transformers' Mamba-1 prefill restarts its causal conv from zeros instead of the cached window
+            # (Mamba-2's path continues both), so stepping is the exact way; one decode step per new token.
+            outputs = self._language_model_in_pieces(inputs_embeds, attention_mask, cache, 1, output_hidden_states)
         elif self._prefills_in_segments(inputs_embeds, output_hidden_states):
-            outputs = self._prefill_in_segments(inputs_embeds, attention_mask, cache, use_cache)
+            # It holds one segment's activations instead of each layer's output over the whole prompt (three tensors
+            # of tokens x hidden), e.g. 1.7 GB less at 186,648 tokens of hidden 768. Same outputs (tests/test_video.py).
+            size = equal_part_length(inputs_embeds.shape[1], self.lm_prefill_segment)  # no single-token segment
+            outputs = self._language_model_in_pieces(inputs_embeds, attention_mask, cache, size)
+            if use_cache is False:
+                setattr(outputs, CACHE_NAME, None)
         else:  # No **kwargs: transformers' Mamba models pass them on to their mixer kernels.
             outputs = self.language_model(
                 inputs_embeds=inputs_embeds,
@@ -301,43 +310,29 @@ class MLMambaModel(MLMambaPreTrainedModel):
         )
         return output if _return_dict(return_dict, self.config) else output.to_tuple()
 
-
     def _prefills_in_segments(self, inputs_embeds, output_hidden_states) -> bool:
-        """A Mamba-2 prefill without gradients on the CPU fast path, longer than `lm_prefill_segment` tokens."""
+        """A Mamba-2 prefill without gradients on the CPU fast path, longer than `lm_prefill_segment` tokens: the LM
+        then runs `lm_prefill_segment` tokens (or fewer, in equal segments) at a time."""
         return (inputs_embeds.shape[1] > self.lm_prefill_segment and not output_hidden_states
                 and not torch.is_grad_enabled() and inputs_embeds.device.type == "cpu"
                 and self.config.text_config.model_type == "mamba2" and getattr(self.config, "use_fast_cpu_path", True))
 
-    def _prefill_in_segments(self, inputs_embeds, attention_mask, cache, use_cache):
-        """The LM over a long prompt `lm_prefill_segment` tokens at a time, every layer per segment, the cache
-        carrying the conv windows and states from one segment to the next (as a conversation's next turn does): it
-        holds one segment's activations instead of each layer's output over the whole prompt (three tensors of
-        tokens x hidden), e.g. 1.7 GB less at 186,648 tokens of hidden 768. Same outputs (tests/test_video.py)."""
-        length, hidden = inputs_embeds.shape[1], []
-        size = -(-length // -(-length // self.lm_prefill_segment))  # equal segments: none of a single token
-        for start in range(0, length, size):
+    def _language_model_in_pieces(self, inputs_embeds, attention_mask, cache, size: int,
+                                  output_hidden_states=False):
+        """The LM over ``inputs_embeds`` ``size`` tokens at a time, every layer per piece, the cache carrying the
+        conv windows and states from one piece to the next (as a conversation's next turn does)."""
+        pieces = []
+        for start in range(0, inputs_embeds.shape[1], size):
             mask = attention_mask[:, start:start + size] if attention_mask is not None else None
-            out = self.language_model(inputs_embeds=inputs_embeds[:, start:start + size], use_cache=True,
-                                      attention_mask=mask, return_dict=True, **{CACHE_NAME: cache})
-            cache = getattr(out, CACHE_NAME)
-            hidden.append(out.last_hidden_state)
-        return SimpleNamespace(last_hidden_state=torch.cat(hidden, dim=1), hidden_states=None,
-                               **{CACHE_NAME: cache if use_cache is not False else None})
-
-    def _continue_token_by_token(self, inputs_embeds, attention_mask, cache, output_hidden_states):
-        """Several new tokens on top of a Mamba-1 state (a conversation's next turn), one step each: transformers'
-        Mamba-1 prefill restarts its causal conv from zeros instead of the cached window (Mamba-2's path continues
-        both), so stepping is the exact way; it costs one decode step per token of the new turn."""
-        steps = []
-        for position in range(inputs_embeds.shape[1]):
-            mask = attention_mask[:, position:position + 1] if attention_mask is not None else None
-            steps.append(self.language_model(inputs_embeds=inputs_embeds[:, position:position + 1], use_cache=True,
-                                             output_hidden_states=bool(output_hidden_states), attention_mask=mask,
-                                             return_dict=True, **{CACHE_NAME: cache}))
+            piece = self.language_model(inputs_embeds=inputs_embeds[:, start:start + size], use_cache=True,
+                                        output_hidden_states=bool(output_hidden_states), attention_mask=mask,
+                                        return_dict=True, **{CACHE_NAME: cache})
+            cache = getattr(piece, CACHE_NAME)
+            pieces.append(piece)
         hidden_states = None
         if output_hidden_states:
-            hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*(step.hidden_states for step in steps)))
-        return SimpleNamespace(last_hidden_state=torch.cat([step.last_hidden_state for step in steps], dim=1),
+            hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*(p.hidden_states for p in pieces)))
+        return SimpleNamespace(last_hidden_state=torch.cat([p.last_hidden_state for p in pieces], dim=1),
                                hidden_states=hidden_states, **{CACHE_NAME: cache})
 
 
