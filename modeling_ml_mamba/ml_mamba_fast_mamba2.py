@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ml_mamba_compat import CACHE_NAME, Mamba2Mixer, advance_cache_count, force_accelerate_hooks, pick_cache
+from .ml_mamba_norm import gated_rms_norm
 from .ml_mamba_scan import causal_depthwise_conv1d
 from .ml_mamba_ssd import CPU_CHUNK_SIZE, ssd_chunked, ssd_step
 
@@ -92,7 +93,7 @@ class FastMamba2Mixer(Mamba2Mixer):
         """`self.norm(y, gate)`: RMSNorm of y * silu(gate) per group, times the weight. Overwrites ``gate``."""
         if y.dtype != torch.float32 or gate.dtype != torch.float32 or (torch.is_grad_enabled() and (
                 y.requires_grad or gate.requires_grad or self.norm.weight.requires_grad)):
-            return self.norm(y, gate)
+            return gated_rms_norm(y, gate, self.norm.weight, self.norm.group_size, self.norm.variance_epsilon)
         # In place, and the mean square from one `vector_norm` pass: ~3x fewer memory passes than the reference.
         group = self.norm.group_size
         gated = F.silu(gate, inplace=True).mul_(y).unflatten(-1, (-1, group))  # over the caller's gate

@@ -37,26 +37,42 @@ def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
     weight (channels, k), bias (channels,), previous (batch, k - 1, channels): the inputs before ``x`` (zeros if
     None). Written as k shifted multiply-adds, which on CPU beats `F.conv1d` and the two transposes it would need
-    here. Without autograd it works ``block`` rows at a time (the k passes stay in cache) and, with ``inplace``,
-    writes the result over ``x`` (last block first), which saves allocating (and page-faulting) an output as large
-    as the input. Accumulates in float32 for float16/bfloat16 inputs. With ``seq_idx`` (b, l), packed sequences: no
-    input reaches across a boundary, each sequence starts from zeros as it would alone (no ``previous`` then).
+    here. It works ``block`` rows at a time (the k passes stay in cache) and, without autograd and with
+    ``inplace``, writes the result over ``x`` (last block first), which saves allocating (and page-faulting) an
+    output as large as the input. Accumulates in float32 for float16/bfloat16 inputs. With ``seq_idx`` (b, l),
+    packed sequences: no input reaches across a boundary, each sequence starts from zeros as it would alone (no
+    ``previous`` then). Differentiable through a hand-written backward (`_CausalConv1d`).
     """
     if seq_idx is not None and previous is not None:
         raise ValueError("causal_depthwise_conv1d: packed sequences (seq_idx) start from zeros; pass no `previous`.")
-    length, kernel = x.shape[1], weight.shape[-1]
     if seq_idx is not None:
-        seq_idx = seq_idx.to(x.device).expand(x.shape[0], length)
-    accumulate = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        seq_idx = seq_idx.to(x.device).expand(x.shape[0], x.shape[1])
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, previous)):
+        return _CausalConv1d.apply(x, weight, bias, previous, silu, seq_idx, block)
+    return _conv_rows(x, weight, bias, previous, silu, seq_idx, block, inplace)
+
+
+def _accumulate_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _same_sequence(seq_idx: torch.Tensor | None, lag: int, start: int, end: int) -> torch.Tensor | None:
+    """(b, end - start, 1): whether token t - lag belongs to token t's sequence, for t in [start, end)."""
+    if seq_idx is None:
+        return None
+    return (seq_idx[:, start:end] == seq_idx[:, start - lag:end - lag])[..., None]
+
+
+def _conv_rows(x, weight, bias, previous, silu, seq_idx, block, inplace):
+    """The forward, ``block`` output rows at a time, without autograd."""
+    length, kernel = x.shape[1], weight.shape[-1]
+    accumulate = _accumulate_dtype(x)
     taps = weight.to(accumulate).t().contiguous()  # (k, channels): taps[k - 1 - lag] multiplies input[t - lag]
     bias = bias.to(accumulate) if bias is not None else None
     previous = previous.to(accumulate) if previous is not None else None
 
-    def rows(start, end, dest=None):  # the conv for output rows [start, end), into `dest` when given
-        if dest is None:
-            piece = x[:, start:end].to(accumulate) * taps[-1]
-            piece = piece + bias if bias is not None else piece
-        elif bias is not None:
+    def rows(start, end, dest):  # the conv for output rows [start, end), into `dest`
+        if bias is not None:
             piece = torch.addcmul(bias, x[:, start:end], taps[-1], out=dest)
         else:
             piece = torch.mul(x[:, start:end], taps[-1], out=dest)
@@ -65,17 +81,13 @@ def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
             if end > first:
                 inputs = x[:, first - lag:end - lag]
                 if seq_idx is not None:  # input t - lag counts only inside t's own sequence
-                    inputs = inputs * (seq_idx[:, first:end] == seq_idx[:, first - lag:end - lag])[..., None]
+                    inputs = inputs * _same_sequence(seq_idx, lag, first, end)
                 piece[:, first - start:].addcmul_(inputs, taps[kernel - 1 - lag])
             if previous is not None and start < lag:  # rows that reach back into the previous inputs
                 count, begin = min(lag, end) - start, kernel - 1 - lag + start
                 piece[:, :count].addcmul_(previous[:, begin:begin + count], taps[kernel - 1 - lag])
-        if silu:
-            piece = F.silu(piece, inplace=dest is not None)
-        return piece
+        return F.silu(piece, inplace=True) if silu else piece
 
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, previous)):
-        return rows(0, length).to(x.dtype)  # out of place: differentiable
     starts = range(0, length, block)
     if inplace:
         scratch = torch.empty(x.shape[0], min(block, length), x.shape[2], dtype=accumulate, device=x.device)
@@ -88,6 +100,66 @@ def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
         end = min(start + block, length)
         rows(start, end, out[:, start:end])
     return out.to(x.dtype)
+
+
+def _channel_dots(a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tensor:
+    """sum over batch and rows of a * b, per channel, for (batch, rows, channels) inputs: ``block`` rows at a time
+    into one scratch buffer (a full-size product would be allocated and page-faulted each time: ~5x slower)."""
+    out = a.new_zeros(a.shape[-1])
+    scratch = a.new_empty(min(block, a.shape[1]), a.shape[-1])
+    for row in range(a.shape[0]):
+        for start in range(0, a.shape[1], block):
+            end = min(start + block, a.shape[1])
+            out += torch.mul(a[row, start:end], b[row, start:end], out=scratch[:end - start]).sum(0)
+    return out
+
+
+class _CausalConv1d(torch.autograd.Function):
+    """`causal_depthwise_conv1d` with a hand-written backward: it keeps only the input (the pre-activation is
+    recomputed), and each gradient is one pass per tap over the rows. Autograd through the tap loop was ~8x the
+    forward (every shifted slice zero-fills a full-size gradient); this backward is ~2x (benchmarks/RESULTS.md)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, previous, silu, seq_idx, block):
+        ctx.save_for_backward(x, weight, bias, previous, seq_idx)
+        ctx.silu, ctx.block = silu, block
+        return _conv_rows(x, weight, bias, previous, silu, seq_idx, block, inplace=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, previous, seq_idx = ctx.saved_tensors
+        length, kernel = x.shape[1], weight.shape[-1]
+        accumulate = _accumulate_dtype(x)
+        grad = grad.to(accumulate)
+        if ctx.silu:  # through the SiLU, at the recomputed pre-activation
+            pre = _conv_rows(x, weight, bias, previous, False, seq_idx, ctx.block, inplace=False).to(accumulate)
+            grad = torch.ops.aten.silu_backward.grad_input(grad, pre, grad_input=pre)  # over `pre`
+        taps = weight.to(accumulate).t()
+        x = x.to(accumulate)
+        grad_x = grad * taps[-1] if ctx.needs_input_grad[0] else None
+        grad_taps = torch.empty_like(taps)
+        grad_taps[-1] = _channel_dots(grad, x, ctx.block)
+        grad_previous = torch.zeros_like(previous, dtype=accumulate) if previous is not None else None
+        for lag in range(1, kernel):
+            tap = kernel - 1 - lag
+            if length > lag:  # output row t + lag read input row t
+                reading = grad[:, lag:]
+                if seq_idx is not None:
+                    reading = reading * _same_sequence(seq_idx, lag, lag, length)
+                if grad_x is not None:
+                    grad_x[:, :length - lag].addcmul_(reading, taps[tap])
+                grad_taps[tap] = _channel_dots(reading, x[:, :length - lag], ctx.block)
+            else:
+                grad_taps[tap] = 0
+            if previous is not None:  # output rows t < lag read previous[k - 1 - lag + t]
+                count = min(lag, length)
+                grad_taps[tap] += _channel_dots(grad[:, :count], previous[:, tap:tap + count].to(accumulate), ctx.block)
+                grad_previous[:, tap:tap + count].addcmul_(grad[:, :count], taps[tap])
+        grad_bias = grad.sum((0, 1)).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return (grad_x.to(x.dtype) if grad_x is not None else None,
+                grad_taps.t().to(weight.dtype) if ctx.needs_input_grad[1] else None, grad_bias,
+                grad_previous.to(previous.dtype) if grad_previous is not None and ctx.needs_input_grad[3] else None,
+                None, None, None)
 
 
 def scan_orders(scan: str, num_tokens: int, device=None) -> list[torch.Tensor]:

@@ -18,6 +18,7 @@ import modeling_ml_mamba.ml_mamba_ssd as ssd_module
 from modeling_ml_mamba import MLMambaForConditionalGeneration
 from modeling_ml_mamba.ml_mamba_compat import CACHE_NAME, Mamba2Mixer, mamba2_chunk_scan
 from modeling_ml_mamba.ml_mamba_fast_mamba2 import FastMamba2Mixer, enable_fast_mamba2
+from modeling_ml_mamba.ml_mamba_norm import gated_rms_norm
 from modeling_ml_mamba.ml_mamba_scan import MultiScanMamba2Mixer, causal_depthwise_conv1d
 from modeling_ml_mamba.ml_mamba_ssd import ssd_chunked, ssd_sequential, ssd_step
 
@@ -63,7 +64,7 @@ def test_chunked_ssd_gradients_equal_the_recurrence(monkeypatch):
     monkeypatch.setattr(ssd_module, "SEGMENT_TOKENS", 24)
     inputs = _ssm_inputs(length=50)
     initial = torch.randn(2, 8, 4, 8)
-    names = ["x", "dt", "B", "C", "D", "dt_bias"]
+    names = ["x", "dt", "A", "B", "C", "D", "dt_bias"]
 
     def grads(function, **extra):
         leaves = {name: inputs[name].clone().requires_grad_() for name in names}
@@ -109,6 +110,46 @@ def test_causal_conv_equals_conv1d_with_and_without_previous_inputs():
     torch.testing.assert_close(causal_depthwise_conv1d(x, conv.weight[:, 0], conv.bias), expected)
     second = causal_depthwise_conv1d(x[:, 5:], conv.weight[:, 0], conv.bias, previous=x[:, 2:5])
     torch.testing.assert_close(second, expected[:, 5:])
+
+
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("inputs", ["plain", "previous", "packed"])
+def test_causal_conv_backward_matches_numerical_gradients(silu, inputs):
+    """The hand-written backward of the conv (`_CausalConv1d`) against finite differences, in float64, for the
+    input, the taps, the bias and the previous inputs; `block` 3 makes the forward's row blocks show."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    previous = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True) if inputs == "previous" else None
+    seq_idx = torch.tensor([[0, 0, 1, 1, 1, 2, 2]]) if inputs == "packed" else None
+
+    def conv(x, weight, bias, *previous):
+        return causal_depthwise_conv1d(x, weight, bias, previous[0] if previous else None, silu=silu, block=3,
+                                       seq_idx=seq_idx)
+
+    tensors = (x, weight, bias) + ((previous,) if previous is not None else ())
+    assert torch.autograd.gradcheck(conv, tensors)
+
+
+@pytest.mark.parametrize("with_gate", [True, False])
+def test_gated_rms_norm_forward_and_hand_written_backward(with_gate):
+    """`gated_rms_norm` (the LM's and the connectors' gated norm) equals the reference ops, and its backward
+    matches finite differences in float64 for the input, the gate and the weight."""
+    torch.manual_seed(0)
+    y = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    gate = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True) if with_gate else None
+    weight = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    gated = y * torch.nn.functional.silu(gate) if with_gate else y
+    grouped = gated.unflatten(-1, (2, 4))
+    expected = weight * (grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + 1e-6)).flatten(-2)
+    torch.testing.assert_close(gated_rms_norm(y, gate, weight, 4, 1e-6), expected)
+    tensors = (y, weight) + ((gate,) if with_gate else ())
+    assert torch.autograd.gradcheck(lambda y, weight, *gate: gated_rms_norm(y, gate[0] if gate else None, weight,
+                                                                            4, 1e-6), tensors)
+    half = gated_rms_norm(y.detach().bfloat16(), None if gate is None else gate.detach().bfloat16(),
+                          weight.detach().bfloat16(), 4, 1e-6)
+    assert half.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("scan", ["bidirectional", "cross"])
