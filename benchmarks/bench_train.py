@@ -3,11 +3,15 @@ same-size LLaVA padded, side by side.
 
     python benchmarks/bench_train.py                          # -> benchmarks/results/train.{md,json}
     python benchmarks/bench_train.py --size tiny --output /tmp/train   # a smoke run
+    python benchmarks/bench_train.py --arms "ml-mamba padded" "llava padded" --batch-size 2 --text-tokens 2048
+    python benchmarks/bench_train.py --allocator keep-freed             # malloc keeps freed memory (see --help)
 
 The batch follows a LLaVA-like length mix: half the samples 32-128 text tokens, half 512-2048, each with one 384 px
 image (729 tokens). A training step is forward + backward + AdamW on the whole model (random weights,
 `vlm_pair.py`'s 129M pair, float32). Reported per arm (each in its own process): seconds per step (median of the
 timed steps after one warm-up step), real (non-padding) tokens per second, tokens computed per step, peak RSS.
+Every arm runs with glibc's malloc as it comes, or with `--allocator keep-freed` as `ML_MAMBA_KEEP_FREED_MEMORY=1`
+sets it (`training/allocator.py`: freed memory kept for reuse; faster, more memory).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import vlm_pair  # noqa: E402
 
+from ml_mamba.training.allocator import keep_freed_memory  # noqa: E402
+
 ARMS = {"ml-mamba padded": ("ml-mamba", False), "ml-mamba packed": ("ml-mamba", True),
         "llava padded": ("llava", False)}
 
@@ -35,6 +41,8 @@ def make_batch(model, arm: str, pack: bool, args):
     half = args.batch_size // 2
     lengths = [rng.randint(32, 128) for _ in range(half)] + [rng.randint(512, 2048)
                                                              for _ in range(args.batch_size - half)]
+    if args.text_tokens:  # every sample this long instead of the mix (no padding)
+        lengths = [args.text_tokens] * args.batch_size
     lengths = [max(8, n * args.length_scale // 100) for n in lengths]
     image_tokens = (model.config.image_seq_length if arm == "llava" else model.config.num_image_tokens)
     image_id = model.config.image_token_id
@@ -58,6 +66,8 @@ def make_batch(model, arm: str, pack: bool, args):
 
 
 def worker(args) -> dict:
+    if args.allocator == "keep-freed" and not keep_freed_memory(force=True):
+        raise RuntimeError("--allocator keep-freed needs glibc's mallopt (Linux).")
     torch.set_num_threads(args.threads)
     arm, pack = ARMS[args.arm]
     model = vlm_pair.build_model(arm, args.size).train()
@@ -85,12 +95,17 @@ def main(argv=None):
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--length-scale", type=int, default=100, help="percent of the text lengths (smoke runs)")
+    parser.add_argument("--text-tokens", type=int, default=0,
+                        help="give every sample this many text tokens (plus its image) instead of the length mix")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                         help="keep every activation (the default recomputes them: the padded batch needs >20 GB "
                              "without)")
+    parser.add_argument("--allocator", default="glibc-default", choices=["glibc-default", "keep-freed"],
+                        help="glibc's defaults, or malloc keeping freed memory (training/allocator.py, "
+                             "ML_MAMBA_KEEP_FREED_MEMORY=1 for ml-mamba-train); every arm runs with the same")
     parser.add_argument("--output", default="benchmarks/results/train")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--arm", help=argparse.SUPPRESS)
@@ -98,12 +113,14 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    meta = vlm_pair.run_meta(args.threads, size=args.size, batch_size=args.batch_size, steps=args.steps)
+    meta = vlm_pair.run_meta(args.threads, size=args.size, batch_size=args.batch_size, steps=args.steps,
+                             allocator=args.allocator, text_tokens=args.text_tokens)
     rows = []
     for arm in args.arms:
         command = [sys.executable, os.path.abspath(__file__), "--worker", "--arm", arm, "--size", args.size,
                    "--batch-size", str(args.batch_size), "--length-scale", str(args.length_scale),
-                   "--steps", str(args.steps), "--threads", str(args.threads), "--seed", str(args.seed)]
+                   "--steps", str(args.steps), "--threads", str(args.threads), "--seed", str(args.seed),
+                   "--allocator", args.allocator, "--text-tokens", str(args.text_tokens)]
         command += [] if args.checkpointing else ["--no-checkpointing"]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
@@ -112,10 +129,11 @@ def main(argv=None):
             rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     meta["load_after"] = vlm_pair.load_average()
+    samples = f"{args.text_tokens} text tokens each" if args.text_tokens else "the length mix"
     lines = [f"Machine: {meta['machine']}, {meta['threads']} threads, torch {meta['torch']}, transformers "
              f"{meta['transformers']}, load {meta['load_before']} before / {meta['load_after']} after; size "
-             f"{meta['size']}, batch of {args.batch_size}, median of {args.steps} steps after one warm-up, "
-             f"activation checkpointing {'on' if args.checkpointing else 'off'}.", "",
+             f"{meta['size']}, batch of {args.batch_size} ({samples}), median of {args.steps} steps after one warm-up, "
+             f"activation checkpointing {'on' if args.checkpointing else 'off'}, allocator {args.allocator}.", "",
              "| arm | s/step | real tokens | tokens computed | real tokens/s | vs ML-Mamba padded | peak RSS GB |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     base = next((r["tokens_per_s"] for r in rows if r["arm"] == "ml-mamba padded" and "error" not in r), None)

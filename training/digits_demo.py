@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .allocator import keep_freed_memory
+
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # question_type -> (question, answer for a digit)
 QUESTIONS = {
@@ -325,6 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         import sys
 
         argv = sys.argv[1:]
+    keep_freed_memory()  # with ML_MAMBA_KEEP_FREED_MEMORY=1: freed memory reused (training/allocator.py)
     if "--task" in argv:  # `ml-mamba-demo --task video`: the video demo (training/video_demo.py)
         position = argv.index("--task")
         task = argv[position + 1] if position + 1 < len(argv) else None

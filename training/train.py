@@ -20,6 +20,7 @@ import datasets
 import transformers
 from transformers.trainer_utils import get_last_checkpoint
 
+from .allocator import keep_freed_memory
 from .arguments import DataArguments, MLMambaSFTConfig, ModelArguments
 from .data import PackedSampleCollator, VideoSampleCollator, load_training_data
 from .models import apply_stage, load_model_and_processor, lora_config
@@ -181,6 +182,7 @@ def _write_card(trainer, model_args, data_args, training_args, summary) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point of ``ml-mamba-train`` (``run(*parse_args(argv))`` returns the summary instead)."""
+    keep_freed_memory()  # with ML_MAMBA_KEEP_FREED_MEMORY=1: freed memory reused (training/allocator.py)
     model_args, data_args, training_args = parse_args(argv)
     summary = run(model_args, data_args, training_args)
     if training_args.process_index == 0:
