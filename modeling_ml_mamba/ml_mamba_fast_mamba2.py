@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ml_mamba_compat import CACHE_NAME, Mamba2Mixer, advance_cache_count, force_accelerate_hooks, pick_cache
-from .ml_mamba_norm import gated_rms_norm
+from .ml_mamba_norm import gated_rms_norm, inverse_rms
 from .ml_mamba_scan import causal_depthwise_conv1d
 from .ml_mamba_ssd import CPU_CHUNK_SIZE, ssd_chunked, ssd_step
 
@@ -94,12 +94,9 @@ class FastMamba2Mixer(Mamba2Mixer):
         if y.dtype != torch.float32 or gate.dtype != torch.float32 or (torch.is_grad_enabled() and (
                 y.requires_grad or gate.requires_grad or self.norm.weight.requires_grad)):
             return gated_rms_norm(y, gate, self.norm.weight, self.norm.group_size, self.norm.variance_epsilon)
-        # In place, and the mean square from one `vector_norm` pass: ~3x fewer memory passes than the reference.
-        group = self.norm.group_size
-        gated = F.silu(gate, inplace=True).mul_(y).unflatten(-1, (-1, group))  # over the caller's gate
-        scale = torch.linalg.vector_norm(gated, dim=-1, keepdim=True).square_().div_(group)
-        scale = scale.add_(self.norm.variance_epsilon).rsqrt_()
-        return gated.mul_(scale).flatten(-2).mul_(self.norm.weight)
+        # In place over the caller's gate: ~3x fewer memory passes than the reference.
+        gated = F.silu(gate, inplace=True).mul_(y).unflatten(-1, (-1, self.norm.group_size))
+        return gated.mul_(inverse_rms(gated, self.norm.variance_epsilon)).flatten(-2).mul_(self.norm.weight)
 
     def _split_xbc(self, xbc: torch.Tensor):
         groups_state = self.n_groups * self.ssm_state_size

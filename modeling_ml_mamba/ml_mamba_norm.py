@@ -31,6 +31,12 @@ def _gated(hidden_states, gate):  # a new tensor (the callers write over it)
     return hidden_states * F.silu(gate.to(hidden_states.dtype))
 
 
+def inverse_rms(grouped: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean square + eps) over the last dim, (..., 1): the mean square from one `vector_norm` pass."""
+    scale = torch.linalg.vector_norm(grouped, dim=-1, keepdim=True).square_().div_(grouped.shape[-1])
+    return scale.add_(eps).rsqrt_()
+
+
 class _GatedRMSNorm(torch.autograd.Function):
     """The gated RMSNorm with a hand-written backward: it keeps the inputs and the per-group scale (not five
     full-size intermediates) and needs ~3x fewer passes over memory than autograd through the reference ops."""
@@ -38,8 +44,7 @@ class _GatedRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_states, gate, weight, group_size, eps):
         grouped = _gated(hidden_states, gate).unflatten(-1, (-1, group_size))
-        scale = torch.linalg.vector_norm(grouped, dim=-1, keepdim=True).square_().div_(group_size)
-        scale = scale.add_(eps).rsqrt_()  # (..., groups, 1)
+        scale = inverse_rms(grouped, eps)  # (..., groups, 1)
         if ctx is not None:
             ctx.save_for_backward(hidden_states, gate, weight, scale)
             ctx.group_size = group_size
@@ -89,4 +94,4 @@ class GatedRMSNorm(nn.Module):
         return f"{self.weight.numel()}, group_size={self.group_size}, eps={self.variance_epsilon}"
 
 
-__all__ = ["GatedRMSNorm", "gated_rms_norm"]
+__all__ = ["GatedRMSNorm", "gated_rms_norm", "inverse_rms"]
