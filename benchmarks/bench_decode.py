@@ -29,7 +29,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -259,7 +258,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     import transformers
 
-    meta = {"cpu": _cpu_name(), "threads": args.threads, "torch": torch.__version__,
+    meta = {"cpu": vlm_pair.cpu_name(), "threads": args.threads, "torch": torch.__version__,
             "transformers": transformers.__version__, "load": " ".join(open("/proc/loadavg").read().split()[:3]),
             "bandwidth": bandwidth(args.threads)}
     print(f"bandwidth: {meta['bandwidth']}", flush=True)
@@ -298,18 +297,6 @@ def main(argv=None):
         handle.write(table + "\n")
     with open(args.output + ".json", "w") as handle:
         json.dump({"meta": meta, "rows": rows}, handle, indent=1)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                flags = open("/proc/cpuinfo").read()
-                isa = "AVX-512" if " avx512f " in flags else "AVX2" if " avx2 " in flags else "no AVX2"
-                return f"{line.split(':', 1)[1].strip()} ({isa})"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache, Mamba2Config
 
 from modeling_ml_mamba.ml_mamba_compat import CACHE_NAME, Mamba2Mixer, causal_conv1d_fn, mamba2_chunk_scan

@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -368,12 +367,10 @@ def main(argv=None):
     import transformers
     from tqdm.auto import tqdm
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    sys.path.insert(0, HERE)
+    import vlm_pair
+
+    cpu = vlm_pair.cpu_name()
     meta = {"command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "cpu": cpu, "threads": args.threads,
             "torch": torch.__version__, "transformers": transformers.__version__, "size": args.size,

@@ -155,11 +155,24 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def cpu_name() -> str:
+    """The CPU's model name and widest vector extension, e.g. ``AMD EPYC 9R14 (AVX-512)``, from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            info = handle.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.machine())
+    isa = "AVX-512" if " avx512f " in info else "AVX2" if " avx2 " in info else "no AVX2"
+    return f"{name} ({isa})"
+
+
 def run_meta(threads: int, **fields) -> dict:
     """What every benchmark records beside its numbers: the machine, versions, thread count and the load before."""
     import transformers
 
-    return {"machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)", "threads": threads,
+    return {"machine": f"{cpu_name()}, {os.cpu_count()} CPUs", "threads": threads,
             "torch": torch.__version__, "transformers": transformers.__version__, "load_before": load_average(),
             **fields}
 

@@ -112,7 +112,7 @@ def _msc_settings(bidirectional: dict, n_groups: int) -> dict:
     hidden, intermediate = bidirectional[f"{mixer}out_proj.weight"].shape
     conv_dim, _, conv_kernel = bidirectional[f"{mixer}conv1d.weight"].shape
     state_size = (conv_dim - intermediate) // (2 * n_groups)
-    return dict(connector_num_blocks=len(blocks), connector_use_swiglu=f"layers.0.mlp.w1.weight" in bidirectional,
+    return dict(connector_num_blocks=len(blocks), connector_use_swiglu="layers.0.mlp.w1.weight" in bidirectional,
                 connector_state_size=state_size, connector_head_dim=intermediate // num_heads,
                 connector_expand=intermediate // hidden, connector_n_groups=n_groups,
                 connector_conv_kernel=conv_kernel)

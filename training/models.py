@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from modeling_ml_mamba import (
-    DINO_SIGLIP_NORMALIZATIONS,
     MLMambaConfig,
     MLMambaForConditionalGeneration,
     MLMambaProcessor,
