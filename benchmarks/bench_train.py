@@ -5,13 +5,18 @@ same-size LLaVA padded, side by side.
     python benchmarks/bench_train.py --size tiny --output /tmp/train   # a smoke run
     python benchmarks/bench_train.py --arms "ml-mamba padded" "llava padded" --batch-size 2 --text-tokens 2048
     python benchmarks/bench_train.py --allocator keep-freed             # malloc keeps freed memory (see --help)
+    python benchmarks/bench_train.py --loss trl-labelled --answer-tokens 32    # as ml-mamba-train computes its loss
 
 The batch follows a LLaVA-like length mix: half the samples 32-128 text tokens, half 512-2048, each with one 384 px
 image (729 tokens). A training step is forward + backward + AdamW on the whole model (random weights,
 `vlm_pair.py`'s 129M pair, float32). Reported per arm (each in its own process): seconds per step (median of the
 timed steps after one warm-up step), real (non-padding) tokens per second, tokens computed per step, peak RSS.
 Every arm runs with glibc's malloc as it comes, or with `--allocator keep-freed` as `ML_MAMBA_KEEP_FREED_MEMORY=1`
-sets it (`training/allocator.py`: freed memory kept for reuse; faster, more memory).
+sets it (`training/allocator.py`: freed memory kept for reuse; faster, more memory). The loss is the model's own
+(`--loss model`, logits at every position) or TRL's fused LM head as its trainers install it: projecting every
+position (`trl-every-position`, TRL's choice on CPU) or only the labelled ones (`trl-labelled`, what
+`ml-mamba-train` sets up, `training/trl_compat.py`); `--answer-tokens N` labels only the last N text tokens of each
+sample, as an assistant-only SFT loss does (default: every text token).
 """
 
 from __future__ import annotations
@@ -47,21 +52,25 @@ def make_batch(model, arm: str, pack: bool, args):
     image_tokens = (model.config.image_seq_length if arm == "llava" else model.config.num_image_tokens)
     image_id = model.config.image_token_id
     samples = [torch.cat([torch.full((image_tokens,), image_id), torch.randint(10, 250, (n,))]) for n in lengths]
+    # label -100 on the image and, with --answer-tokens, on all but the last N text tokens of each sample (the prompt)
+    unlabelled = [torch.arange(len(s)) < (len(s) - args.answer_tokens if args.answer_tokens else image_tokens)
+                  for s in samples]
     size = model.config.vision_config.image_size
     pixels = torch.randn(len(samples), 3, size, size)
     real = sum(len(s) for s in samples)
     if pack:
         ids = torch.cat(samples)[None]
-        labels = ids.masked_fill(ids == image_id, -100)
+        labels = ids.masked_fill(torch.cat(unlabelled)[None], -100)
         position_ids = torch.cat([torch.arange(len(s)) for s in samples])[None]
         return {"input_ids": ids, "labels": labels, "position_ids": position_ids, "pixel_values": pixels}, real, \
             ids.numel()
     width = max(len(s) for s in samples)
     ids = torch.zeros(len(samples), width, dtype=torch.long)
     mask = torch.zeros(len(samples), width, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
     for row, sample in enumerate(samples):
         ids[row, :len(sample)], mask[row, :len(sample)] = sample, 1
-    labels = ids.masked_fill((ids == image_id) | (mask == 0), -100)
+        labels[row, :len(sample)] = sample.masked_fill(unlabelled[row], -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}, real, ids.numel()
 
 
@@ -74,6 +83,15 @@ def worker(args) -> dict:
     if args.checkpointing:  # activation checkpointing for every arm alike (what fits long batches in memory)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch, real, computed = make_batch(model, arm, pack, args)
+    if args.loss != "model":  # TRL's fused LM head, as SFTTrainer / DPOTrainer install it
+        from trl.trainer.utils import add_fused_lm_head
+
+        from ml_mamba.training import score_labelled_positions_on_cpu
+
+        if args.loss == "trl-labelled":
+            score_labelled_positions_on_cpu()
+        add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # SFTTrainer's outputs
+        batch["fused_lm_head"] = True
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     times = []
     for _ in range(1 + args.steps):
@@ -97,6 +115,10 @@ def main(argv=None):
     parser.add_argument("--length-scale", type=int, default=100, help="percent of the text lengths (smoke runs)")
     parser.add_argument("--text-tokens", type=int, default=0,
                         help="give every sample this many text tokens (plus its image) instead of the length mix")
+    parser.add_argument("--loss", default="model", choices=["model", "trl-every-position", "trl-labelled"],
+                        help="the model's own loss, or TRL's fused LM head over every position / the labelled ones")
+    parser.add_argument("--answer-tokens", type=int, default=0,
+                        help="label only the last N text tokens of each sample (assistant-only loss); 0: all text")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -114,13 +136,15 @@ def main(argv=None):
         print(json.dumps(worker(args)))
         return
     meta = vlm_pair.run_meta(args.threads, size=args.size, batch_size=args.batch_size, steps=args.steps,
-                             allocator=args.allocator, text_tokens=args.text_tokens)
+                             allocator=args.allocator, text_tokens=args.text_tokens, loss=args.loss,
+                             answer_tokens=args.answer_tokens)
     rows = []
     for arm in args.arms:
         command = [sys.executable, os.path.abspath(__file__), "--worker", "--arm", arm, "--size", args.size,
                    "--batch-size", str(args.batch_size), "--length-scale", str(args.length_scale),
                    "--steps", str(args.steps), "--threads", str(args.threads), "--seed", str(args.seed),
-                   "--allocator", args.allocator, "--text-tokens", str(args.text_tokens)]
+                   "--allocator", args.allocator, "--text-tokens", str(args.text_tokens),
+                   "--loss", args.loss, "--answer-tokens", str(args.answer_tokens)]
         command += [] if args.checkpointing else ["--no-checkpointing"]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
@@ -133,7 +157,8 @@ def main(argv=None):
     lines = [f"Machine: {meta['machine']}, {meta['threads']} threads, torch {meta['torch']}, transformers "
              f"{meta['transformers']}, load {meta['load_before']} before / {meta['load_after']} after; size "
              f"{meta['size']}, batch of {args.batch_size} ({samples}), median of {args.steps} steps after one warm-up, "
-             f"activation checkpointing {'on' if args.checkpointing else 'off'}, allocator {args.allocator}.", "",
+             f"activation checkpointing {'on' if args.checkpointing else 'off'}, allocator {args.allocator}, loss {args.loss}"
+             f"{f', labels on the last {args.answer_tokens} text tokens of each sample' if args.answer_tokens else ''}.", "",
              "| arm | s/step | real tokens | tokens computed | real tokens/s | vs ML-Mamba padded | peak RSS GB |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     base = next((r["tokens_per_s"] for r in rows if r["arm"] == "ml-mamba padded" and "error" not in r), None)

@@ -104,6 +104,41 @@ def test_loss_only_on_assistant_tokens(base_dir, llava_dir, tmp_path):
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_head_projects_only_labelled_positions_on_cpu(llava_dir, tmp_path, monkeypatch):
+    """`build_trainer` makes TRL's fused LM head project only the labelled positions on CPU
+    (`score_labelled_positions_on_cpu`; TRL projects every position off Triton devices): only those rows reach the
+    head, and the loss and every gradient equal TRL's every-position projection."""
+    from trl.trainer import utils as trl_utils
+
+    model, processor = tiny_model()
+    dataset, _ = load_llava_json(str(llava_dir / "data.json"))
+    trainer = build_trainer(model, processor, args(tmp_path), dataset)
+    assert getattr(trl_utils._use_triton, "_ml_mamba_scores_labelled_positions_on_cpu", False)
+    batch = trainer.data_collator([dataset[2], dataset[8], dataset[1]])
+    projected = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply",
+                        lambda hidden, *rest: projected.append(hidden.shape[0]) or apply(hidden, *rest))
+    model.train()
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = loss_and_grads()
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert projected == [labelled] and labelled < batch["labels"][:, 1:].numel() // 4
+    monkeypatch.setattr(trl_utils, "_use_triton", lambda device: False)  # TRL's own choice on CPU
+    every_loss, every_grads = loss_and_grads()
+    assert projected[-1] == batch["labels"][:, 1:].numel()
+    torch.testing.assert_close(loss, every_loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == every_grads.keys() and len(grads) > 10
+    for name in grads:
+        torch.testing.assert_close(grads[name], every_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def _one_sgd_step(dataset, tmp_path, batch_size, accumulation):
     model, processor = tiny_model()
     model.train()

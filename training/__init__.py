@@ -14,6 +14,7 @@ from .data import BadSampleError, DataReport, load_llava_json, load_training_dat
 from .merge import merge_lora
 from .models import STAGE_PARTS, apply_stage, build_from_parts, load_model_and_processor, lora_config, processor_for
 from .train import build_trainer, main, parse_args, run
+from .trl_compat import score_labelled_positions_on_cpu
 
 ACCELERATE_CONFIGS = ("ddp", "fsdp")
 
@@ -29,5 +30,5 @@ __all__ = [
     "ModelArguments", "DataArguments", "MLMambaSFTConfig", "STAGES", "STAGE_PARTS", "LORA_TARGETS",
     "load_llava_json", "load_training_data", "prepare_dataset", "BadSampleError", "DataReport",
     "load_model_and_processor", "build_from_parts", "processor_for", "apply_stage", "lora_config",
-    "build_trainer", "run", "main", "parse_args", "merge_lora", "accelerate_config",
+    "build_trainer", "run", "main", "parse_args", "merge_lora", "accelerate_config", "score_labelled_positions_on_cpu",
 ]

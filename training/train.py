@@ -24,6 +24,7 @@ from .allocator import keep_freed_memory
 from .arguments import DataArguments, MLMambaSFTConfig, ModelArguments
 from .data import PackedSampleCollator, VideoSampleCollator, load_training_data
 from .models import apply_stage, load_model_and_processor, lora_config
+from .trl_compat import score_labelled_positions_on_cpu
 
 logger = logging.getLogger("ml_mamba.training")
 
@@ -66,7 +67,8 @@ def resume_checkpoint(training_args: MLMambaSFTConfig) -> str | None:
 
 def build_trainer(model, processor, training_args: MLMambaSFTConfig, train_dataset, eval_dataset=None,
                   peft_config=None, callbacks=None):
-    """TRL's `SFTTrainer` with our processor as ``processing_class`` (the collator, loss and logging are TRL's)."""
+    """TRL's `SFTTrainer` with our processor as ``processing_class`` (the collator, loss and logging are TRL's); its
+    fused LM head projects only the labelled positions on CPU too (`score_labelled_positions_on_cpu`)."""
     from trl import SFTTrainer
 
     if model.config.image_token_id is None:
@@ -80,6 +82,7 @@ def build_trainer(model, processor, training_args: MLMambaSFTConfig, train_datas
             raise ValueError("The dataset has a 'videos' column but the model has no video support: set "
                              "config.video_token_id (MLMambaConfig.fit_tokenizer(tokenizer, video_token='<video>')).")
         training_args.remove_unused_columns = False  # TRL would drop the 'videos' column it does not know
+    score_labelled_positions_on_cpu()
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processor, peft_config=peft_config, callbacks=callbacks)
     if videos:
