@@ -84,7 +84,7 @@ def worker(args) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch, real, computed = make_batch(model, arm, pack, args)
     if args.loss != "model":  # TRL's fused LM head, as SFTTrainer / DPOTrainer install it
-        from trl.trainer.utils import add_fused_lm_head
+        from trl.trainer import add_fused_lm_head
 
         from ml_mamba.training import score_labelled_positions_on_cpu
 
@@ -154,11 +154,12 @@ def main(argv=None):
         print(json.dumps(rows[-1]), flush=True)
     meta["load_after"] = vlm_pair.load_average()
     samples = f"{args.text_tokens} text tokens each" if args.text_tokens else "the length mix"
+    labelled = f", labels on the last {args.answer_tokens} text tokens of each sample" if args.answer_tokens else ""
     lines = [f"Machine: {meta['machine']}, {meta['threads']} threads, torch {meta['torch']}, transformers "
              f"{meta['transformers']}, load {meta['load_before']} before / {meta['load_after']} after; size "
              f"{meta['size']}, batch of {args.batch_size} ({samples}), median of {args.steps} steps after one warm-up, "
-             f"activation checkpointing {'on' if args.checkpointing else 'off'}, allocator {args.allocator}, loss {args.loss}"
-             f"{f', labels on the last {args.answer_tokens} text tokens of each sample' if args.answer_tokens else ''}.", "",
+             f"activation checkpointing {'on' if args.checkpointing else 'off'}, allocator {args.allocator}, "
+             f"loss {args.loss}{labelled}.", "",
              "| arm | s/step | real tokens | tokens computed | real tokens/s | vs ML-Mamba padded | peak RSS GB |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     base = next((r["tokens_per_s"] for r in rows if r["arm"] == "ml-mamba padded" and "error" not in r), None)
