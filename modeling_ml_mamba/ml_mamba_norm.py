@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ml_mamba_ssd import needs_autograd
+
 
 def gated_rms_norm(hidden_states: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, group_size: int,
                    eps: float) -> torch.Tensor:
     """``weight * rmsnorm(hidden_states * silu(gate))`` over groups of ``group_size`` channels, in float32 (or
     float64); the result in the promoted dtype of the input and the weight (as transformers' ``Mamba2RMSNormGated``)."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden_states, gate, weight)):
+    if needs_autograd(hidden_states, gate, weight):
         return _GatedRMSNorm.apply(hidden_states, gate, weight, group_size, eps)
     return _GatedRMSNorm.forward(None, hidden_states, gate, weight, group_size, eps)
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ml_mamba_norm import GatedRMSNorm
-from .ml_mamba_ssd import ssd_scan
+from .ml_mamba_ssd import needs_autograd, ssd_scan
 
 try:  # GPU fast path for the depthwise causal convolution
     from causal_conv1d import causal_conv1d_fn
@@ -47,7 +47,7 @@ def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
         raise ValueError("causal_depthwise_conv1d: packed sequences (seq_idx) start from zeros; pass no `previous`.")
     if seq_idx is not None:
         seq_idx = seq_idx.to(x.device).expand(x.shape[0], x.shape[1])
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, previous)):
+    if needs_autograd(x, weight, bias, previous):
         return _CausalConv1d.apply(x, weight, bias, previous, silu, seq_idx, block)
     return _conv_rows(x, weight, bias, previous, silu, seq_idx, block, inplace)
 

@@ -38,6 +38,12 @@ SEGMENT_TOKENS = 1024
 CPU_CHUNK_SIZE = 64
 
 
+def needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether an op over ``tensors`` (None allowed) records autograd: grad mode is on and one of them requires grad
+    (the scan, conv and norm then take their differentiable path instead of the in-place one)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _discretize_dt(dt, dt_bias, dt_softplus, dt_limit):
     dt = dt.float()
     if dt_bias is not None:
@@ -200,8 +206,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=Fa
     r = heads // groups  # heads per group
     if length == 0:
         raise ValueError("ssd_chunked needs at least one token (x has length 0).")
-    track_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, dt, A, B, C, D, dt_bias, initial_state))
+    track_grad = needs_autograd(x, dt, A, B, C, D, dt_bias, initial_state)
     A = A.float()
     chunk_size = max(1, min(int(chunk_size), length))
     segment = chunk_size * max(1, SEGMENT_TOKENS // chunk_size)
@@ -257,7 +262,7 @@ def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, dt_
     B = B.float().view(batch, groups, 1, 1, state_size)
     C = C.float().reshape(batch * groups, state_size, 1)
     grouped = state.view(batch, groups, r, head_dim, state_size)
-    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (state, x_dt, decay, B, C))
+    tracked = needs_autograd(state, x_dt, decay, B, C)
     if state.dtype == torch.float32 and not tracked:
         new_state = grouped.mul_(decay).addcmul_(x_dt, B)
     else:
