@@ -2,9 +2,11 @@
 a multi-core matrix-vector product (`split_gemv`).
 
 `quantize_int8(model)` replaces the language model's and the LM head's `nn.Linear` layers with `Int8Linear`:
-symmetric per-output-channel int8 weights with one scale per row, multiplied by ``torch.ops.aten._weight_int8pack_mm``
-(the CPU kernel torchao's int8 weight-only mode also ends in) with bfloat16 activations, 4.2x faster per weight byte
-than float32 `F.linear` at batch 1 here (`benchmarks/RESULTS.md`). Everything else keeps its dtype: the embeddings,
+symmetric per-output-channel int8 weights with one scale per row. Up to `INT8_ACTIVATION_ROWS` rows (decoding) they
+multiply activations quantized to int8 per block of 32 values (llama.cpp's Q8_0 scheme) with our VNNI / AVX2 kernel
+(`ml_mamba_int8_gemv`), the fastest here at every such row count; more rows (prefill) go through
+``torch.ops.aten._weight_int8pack_mm`` (the CPU kernel torchao's int8 weight-only mode also ends in) with bfloat16
+activations, 4.2x faster per weight byte than float32 `F.linear` at batch 1 here (`benchmarks/RESULTS.md`). Everything else keeps its dtype: the embeddings,
 the norms, `A_log`, `D`, `dt_bias`, the conv and the recurrent state stay in float32 (low-precision state is a known
 source of drift in Mamba models). Off CPU, or where the kernel is missing, the layer dequantizes and runs a plain
 matmul (the reference it is tested against).
@@ -16,16 +18,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ml_mamba_int8_gemv import int8_gemv_available
+
+# Up to how many rows `Int8Linear` quantizes its activations to int8 for our kernel (2 threads, AVX-512 VNNI, the
+# 129M LM's weights: 1.5-2x faster than `_weight_int8pack_mm` from 1 to 16 rows; benchmarks/RESULTS.md).
+INT8_ACTIVATION_ROWS = 16
+
 
 def _int8pack_mm():
     return getattr(torch.ops.aten, "_weight_int8pack_mm", None)
 
 
 class Int8Linear(nn.Module):
-    """``y = x @ (scale * W_int8)^T + bias``, weights int8 per output channel (symmetric, round to nearest)."""
+    """``y = x @ (scale * W_int8)^T + bias``, weights int8 per output channel (symmetric, round to nearest).
 
-    def __init__(self, linear: nn.Linear):
+    ``int8_activations`` (default: where our kernel builds) quantizes the activations of calls with up to
+    `INT8_ACTIVATION_ROWS` rows to int8 per block of 32 values for the int8 kernel; otherwise, and for more rows,
+    they enter PyTorch's kernel in bfloat16."""
+
+    def __init__(self, linear: nn.Linear, int8_activations: bool | None = None):
         super().__init__()
+        self.int8_activations = int8_gemv_available() if int8_activations is None else int8_activations
         weight = linear.weight.detach().float()
         # The kernel takes bfloat16 scales: quantize with the stored (rounded up, so |w| / scale <= 127) scale itself.
         scale = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0 * (1 + 2**-7)).to(torch.bfloat16)
@@ -49,7 +62,9 @@ class Int8Linear(nn.Module):
         kernel = _int8pack_mm()
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
-        if kernel is not None and x.device.type == "cpu":
+        if self.int8_activations and x.device.type == "cpu" and flat.shape[0] <= INT8_ACTIVATION_ROWS:
+            y = torch.ops.ml_mamba.int8_gemv(flat, self.weight_int8, self.scale).to(x.dtype)
+        elif kernel is not None and x.device.type == "cpu":
             y = kernel(flat.to(torch.bfloat16), self.weight_int8, self.scale).to(x.dtype)
         else:
             y = F.linear(flat, self.weight.to(x.dtype))
@@ -58,15 +73,18 @@ class Int8Linear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
+        activations = f"int8 up to {INT8_ACTIVATION_ROWS} rows" if self.int8_activations else "bfloat16"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only, "
+                f"activations: {activations}")
 
 
-def quantize_int8(model: nn.Module) -> int:
+def quantize_int8(model: nn.Module, int8_activations: bool | None = None) -> int:
     """Replace the `nn.Linear` layers of an ML-Mamba model's language model (Mamba-1's small ``dt_proj`` excepted) and
     its LM head with `Int8Linear`, in place, for inference (such a model is not meant to be saved). The vision tower
     and connector keep their weights; a tied LM head gets its own int8 copy and the embedding keeps its float
-    weights. Returns how many layers were replaced."""
-    return _replace_linears(model, Int8Linear)
+    weights. ``int8_activations``: see `Int8Linear` (``False`` keeps bfloat16 activations everywhere). Returns how
+    many layers were replaced."""
+    return _replace_linears(model, lambda linear: Int8Linear(linear, int8_activations))
 
 
 @torch.library.custom_op("ml_mamba::blocked_matmul", mutates_args=())

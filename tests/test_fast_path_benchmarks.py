@@ -52,6 +52,20 @@ def test_kernel_benchmark_reports_equal_outputs():
     assert all(row["max_abs_diff"] < 1e-4 and row["ours_ms"] > 0 for row in rows)
 
 
+def test_gemv_benchmark_times_every_int8_product(tmp_path):
+    import bench_gemv
+
+    from modeling_ml_mamba.ml_mamba_int8_gemv import supported_isas
+
+    rows = bench_gemv.main(["--size", "tiny", "--rows", "1", "3", "--repeats", "1", "--output", str(tmp_path / "g")])
+    expected = {f"int8 activations ({isa})" for isa in supported_isas()} | {"_weight_int8pack_mm",
+                                                                         "compiled fused reduction"}
+    for count in (1, 3):
+        assert {r["variant"] for r in rows if r["rows"] == count} == expected
+    assert all(r["ms_per_pass"] > 0 for r in rows)
+    assert "| 3 | _weight_int8pack_mm |" in (tmp_path / "g.md").read_text()
+
+
 def test_decode_benchmark_reports_rooflines_side_by_side(tmp_path):
     """`bench_decode.py` at the tiny size: every precision and decode implementation, LLaVA beside it, the copy and
     read bandwidths, and a roofline share per row (llama.cpp is optional and left out here)."""

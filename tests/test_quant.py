@@ -12,6 +12,8 @@ from transformers import AutoModelForImageTextToText
 from utils import digit_images, tiny_model
 
 from modeling_ml_mamba.ml_mamba_compat import CACHE_NAME
+from modeling_ml_mamba.ml_mamba_int8_gemv import (_library, int8_gemv, int8_gemv_available, int8_gemv_reference,
+                                                  supported_isas)
 from modeling_ml_mamba.ml_mamba_quant import Int8Linear, quantize_int8
 
 
@@ -21,10 +23,65 @@ def test_int8_linear_matches_its_dequantized_reference():
     quantized = Int8Linear(linear)
     error = (quantized.weight - linear.weight).abs()
     assert (error <= quantized.scale.float()[:, None] / 2 + 1e-6).all()  # round to nearest, per output channel
-    x = torch.randn(5, 3, 96)
+    x = torch.randn(6, 4, 96)  # 24 rows: more than INT8_ACTIVATION_ROWS, so PyTorch's kernel
     reference = F.linear(x.to(torch.bfloat16).float(), quantized.weight, linear.bias)
     torch.testing.assert_close(quantized(x), reference, atol=2e-2, rtol=2e-2)  # bfloat16 activations in the kernel
     assert quantized(x).dtype == x.dtype
+
+
+@pytest.mark.skipif(not int8_gemv_available(), reason="no C compiler to build the int8 GEMV kernel")
+@pytest.mark.parametrize("in_features, out_features, rows", [(768, 300, 1), (1536, 70, 3), (100, 37, 2), (31, 5, 1)])
+def test_int8_gemv_matches_its_reference_on_every_instruction_set(in_features, out_features, rows):
+    """Each instruction set this CPU has (AVX-512 VNNI, AVX2, portable C) against the float64 reference, including
+    widths that are not a multiple of 64 or 32 (the tails) and an all-zero row (scale 0)."""
+    torch.manual_seed(in_features)
+    weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8)
+    scale = (torch.rand(out_features) / 100 + 1e-3).to(torch.bfloat16)
+    x = torch.randn(rows, in_features) * 3
+    x[-1, : in_features // 2] = 0  # a block or more of zeros
+    reference = int8_gemv_reference(x, weight, scale)
+    assert "portable" in supported_isas()
+    for isa in supported_isas():
+        got = int8_gemv(x, weight, scale, isa=isa)
+        assert got.shape == (rows, out_features) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), reference, atol=1e-5 * reference.abs().max().item(), rtol=1e-5)
+    # and the quantized activations stay close to the float product (block-wise int8: ~0.4 % of each block's max)
+    exact = x.double() @ weight.double().t() * scale.double()
+    assert (reference - exact).abs().max() <= 0.01 * exact.abs().max()
+    with pytest.raises(ValueError, match="x must be"):
+        int8_gemv(x[:, 1:], weight, scale)
+    with pytest.raises(ValueError, match="bfloat16 scale"):
+        int8_gemv(x, weight, scale.float())
+
+
+@pytest.mark.skipif(not int8_gemv_available(), reason="no C compiler to build the int8 GEMV kernel")
+def test_int8_linear_quantizes_activations_for_few_rows_only():
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(96, 40, bias=True)
+    layer = Int8Linear(linear)
+    assert layer.int8_activations
+    few = torch.randn(2, 3, 96)  # 6 rows: the int8 kernel
+    expected = int8_gemv_reference(few.view(-1, 96), layer.weight_int8, layer.scale) + linear.bias.double()
+    torch.testing.assert_close(layer(few).double(), expected.view(2, 3, 40), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(few), layer(few))  # an op torch.compile keeps
+    bfloat16_only = Int8Linear(linear, int8_activations=False)
+    reference = F.linear(few.to(torch.bfloat16).float(), layer.weight, linear.bias)
+    torch.testing.assert_close(bfloat16_only(few), reference, atol=2e-2, rtol=2e-2)
+
+
+def test_int8_gemv_switched_off_falls_back_to_pytorchs_kernel(monkeypatch):
+    monkeypatch.setenv("ML_MAMBA_INT8_GEMV", "0")
+    _library.cache_clear()
+    try:
+        assert not int8_gemv_available()
+        layer = Int8Linear(torch.nn.Linear(32, 8))
+        assert not layer.int8_activations
+        with pytest.raises(RuntimeError, match="ML_MAMBA_INT8_GEMV=0"):
+            int8_gemv(torch.randn(1, 32), layer.weight_int8, layer.scale)
+        assert layer(torch.randn(1, 32)).shape == (1, 8)
+    finally:
+        monkeypatch.delenv("ML_MAMBA_INT8_GEMV")
+        _library.cache_clear()
 
 
 @pytest.mark.parametrize("text", ["mamba2", "mamba"])
@@ -47,6 +104,19 @@ def test_int8_and_bfloat16_logits_stay_close_to_float32(text, tmp_path):
         assert cache.get_recurrent_state(0).dtype == torch.float32, name
         generated = variant.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
         assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
+    # decode steps (one row per sequence: int8 activations in the int8 model) keep the tolerance too, while the
+    # greedy tokens agree with float32's
+    steps = {name: variant.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                    output_logits=True, return_dict_in_generate=True)
+             for name, variant in (("float32", model), ("int8", int8))}
+    compared = 0
+    for step, (expected, got) in enumerate(zip(steps["float32"].logits, steps["int8"].logits)):
+        assert (got.float() - expected).abs().max() / expected.abs().max() < 0.05, step
+        compared += 1
+        end = inputs["input_ids"].shape[1] + step + 1  # the next step's input: the tokens up to this step's pick
+        if not torch.equal(steps["float32"].sequences[:, :end], steps["int8"].sequences[:, :end]):
+            break
+    assert compared >= 2  # the prefill's logits and at least one decode step's
     for name, param in bf16.named_parameters():  # the SSM parameters and gated norms stay float32
         if name.endswith(("A_log", "dt_bias", "mixer.D", "mixer.norm.weight")):
             assert param.dtype == torch.float32, name
