@@ -6,7 +6,7 @@ One pass multiplies ``rows`` activation rows by each of the LM's 49 int8 weights
 the LM head), one after another, as a decode step does. Compared per pass (median of ``--repeats``, the variants
 alternating so that drift on a shared machine hits all alike):
 
-* ``int8 activations (<isa>)``: our kernel (`ml_mamba_int8_gemv`), activations quantized to int8 per block of 32,
+* ``int8 activations (<isa>)``: our kernel (`ml_mamba_cpu_kernels`), activations quantized to int8 per block of 32,
   for every instruction set this CPU has (AVX-512 VNNI, AVX2, portable C);
 * ``_weight_int8pack_mm``: PyTorch's int8 weight-only CPU kernel, bfloat16 activations (torchao's path);
 * ``compiled fused reduction``: ``(x[:, None, :] * W).sum(-1) * scale`` under `torch.compile` (what `project` runs
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vlm_pair import build_model, cpu_name, load_average, run_meta, write_report  # noqa: E402
 
-from modeling_ml_mamba.ml_mamba_int8_gemv import int8_gemv, supported_isas  # noqa: E402
+from modeling_ml_mamba.ml_mamba_cpu_kernels import int8_gemv, supported_isas  # noqa: E402
 from modeling_ml_mamba.ml_mamba_quant import quantize_int8  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))

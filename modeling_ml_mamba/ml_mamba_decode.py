@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ml_mamba_compat import advance_cache_count
+from .ml_mamba_cpu_kernels import cpu_kernels_available
 
 LOG_DECAY_FLOOR = -80.0  # as ssd_step: exp() of anything below is 0 in float32
 # Up to how many rows a compiled CPU step multiplies as a fused reduction rather than calling the BLAS / int8 kernel
@@ -64,7 +65,8 @@ def _conv_step(conv1d: nn.Conv1d, conv_state: torch.Tensor, new: torch.Tensor) -
     return out + conv1d.bias.float() if conv1d.bias is not None else out
 
 
-def _mamba2_mixer(mixer: nn.Module, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
+def _mamba2_mixer(mixer: nn.Module, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor,
+                  fused_ssm: bool = False):
     batch = x.shape[0]
     dtype = x.dtype
     heads, head_dim, groups, state_size = mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size
@@ -78,18 +80,25 @@ def _mamba2_mixer(mixer: nn.Module, x: torch.Tensor, conv_state: torch.Tensor, s
         dt = dt.clamp(min=low, max=high)
     A = -torch.exp(mixer.A_log.float())
     r = heads // groups
-    decay = (dt * A).clamp(min=LOG_DECAY_FLOOR).exp().view(batch, groups, r, 1, 1)
-    x_dt = (x.float().view(batch, heads, head_dim) * dt[..., None]).view(batch, groups, r, head_dim, 1)
-    state = ssm_state.view(batch, groups, r, head_dim, state_size)
-    state.mul_(decay).addcmul_(x_dt, B.float().view(batch, groups, 1, 1, state_size))
-    y = torch.bmm(state.view(batch * groups, r * head_dim, state_size), C.float().view(batch * groups, state_size, 1))
-    y = y.view(batch, heads, head_dim) + mixer.D.float()[:, None] * x.float().view(batch, heads, head_dim)
+    decay = (dt * A).clamp(min=LOG_DECAY_FLOOR).exp()
+    if fused_ssm and ssm_state.is_contiguous():  # one pass over the state in our C kernel (ml_mamba_cpu_kernels)
+        y = torch.ops.ml_mamba.ssm_step(ssm_state, x.float().view(batch, heads, head_dim), dt, decay,
+                                        B.float().view(batch, groups, state_size),
+                                        C.float().view(batch, groups, state_size), mixer.D.float())
+    else:
+        x_dt = (x.float().view(batch, heads, head_dim) * dt[..., None]).view(batch, groups, r, head_dim, 1)
+        state = ssm_state.view(batch, groups, r, head_dim, state_size)
+        state.mul_(decay.view(batch, groups, r, 1, 1)).addcmul_(x_dt, B.float().view(batch, groups, 1, 1, state_size))
+        y = torch.bmm(state.view(batch * groups, r * head_dim, state_size),
+                      C.float().view(batch * groups, state_size, 1))
+        y = y.view(batch, heads, head_dim) + mixer.D.float()[:, None] * x.float().view(batch, heads, head_dim)
     y = y.view(batch, mixer.intermediate_size).to(dtype)
 
     return project(mixer.out_proj, mixer.norm(y, gate).to(dtype))  # the mixer's own gated RMSNorm
 
 
-def _mamba1_mixer(mixer: nn.Module, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
+def _mamba1_mixer(mixer: nn.Module, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor,
+                  fused_ssm: bool = False):
     dtype = x.dtype
     hidden, gate = project(mixer.in_proj, x).chunk(2, dim=-1)
     hidden = F.silu(_conv_step(mixer.conv1d, conv_state, hidden)).to(dtype)
@@ -105,15 +114,16 @@ def _mamba1_mixer(mixer: nn.Module, x: torch.Tensor, conv_state: torch.Tensor, s
 
 
 def decode_step(language_model: nn.Module, lm_head: nn.Module, input_ids: torch.Tensor, conv_states: list,
-                ssm_states: list, kind: str) -> torch.Tensor:
-    """Logits (b, vocab) in float32 for ``input_ids`` (b, 1), the states (one per layer) advanced in place."""
+                ssm_states: list, kind: str, fused_ssm: bool = False) -> torch.Tensor:
+    """Logits (b, vocab) in float32 for ``input_ids`` (b, 1), the states (one per layer) advanced in place.
+    ``fused_ssm`` updates Mamba-2 states with our one-pass C kernel (CPU only; `ml_mamba_cpu_kernels.ssm_step`)."""
     mixer_step = _mamba2_mixer if kind == "mamba2" else _mamba1_mixer
     hidden = language_model.embeddings(input_ids[:, 0])
     for block, conv_state, ssm_state in zip(language_model.layers, conv_states, ssm_states):
         # the block's own norms and residual, as transformers' Mamba blocks and models apply them
         residual = hidden.float() if block.residual_in_fp32 else hidden
         normed = block.norm(hidden.to(block.norm.weight.dtype))
-        hidden = residual + mixer_step(block.mixer, normed, conv_state, ssm_state)
+        hidden = residual + mixer_step(block.mixer, normed, conv_state, ssm_state, fused_ssm)
     hidden = language_model.norm_f(hidden)
     return project(lm_head, hidden.to(input_dtype(lm_head))).float()
 
@@ -164,32 +174,33 @@ class CUDAGraphStep:
         self.step, self.max_graphs = step, max_graphs
         self.graphs: dict[tuple, tuple] = {}
 
-    def __call__(self, language_model, lm_head, input_ids, conv_states, ssm_states, kind):
+    def __call__(self, language_model, lm_head, input_ids, conv_states, ssm_states, kind, fused_ssm=False):
         states = list(conv_states) + list(ssm_states)
         key = (tuple(input_ids.shape), tuple(state.data_ptr() for state in states))
         if key not in self.graphs:
             if len(self.graphs) >= self.max_graphs:
                 self.graphs.pop(next(iter(self.graphs)))
-            self.graphs[key] = self._capture(language_model, lm_head, input_ids, conv_states, ssm_states, kind, states)
+            self.graphs[key] = self._capture(language_model, lm_head, input_ids, conv_states, ssm_states, kind,
+                                             fused_ssm, states)
         graph, static_ids, static_logits = self.graphs[key]
         static_ids.copy_(input_ids)
         graph.replay()
         return static_logits.clone()
 
-    def _capture(self, language_model, lm_head, input_ids, conv_states, ssm_states, kind, states):
+    def _capture(self, language_model, lm_head, input_ids, conv_states, ssm_states, kind, fused_ssm, states):
         static_ids = input_ids.clone()
         saved = [state.clone() for state in states]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up (lazy initialisations, autotuning) outside the capture
             for _ in range(2):
-                self.step(language_model, lm_head, static_ids, conv_states, ssm_states, kind)
+                self.step(language_model, lm_head, static_ids, conv_states, ssm_states, kind, fused_ssm)
         torch.cuda.current_stream().wait_stream(side)
         for state, copy in zip(states, saved):  # the warm-up advanced the states: put them back
             state.copy_(copy)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):  # recorded, not run: the states advance at each replay
-            static_logits = self.step(language_model, lm_head, static_ids, conv_states, ssm_states, kind)
+            static_logits = self.step(language_model, lm_head, static_ids, conv_states, ssm_states, kind, fused_ssm)
         return graph, static_ids, static_logits
 
 
@@ -205,6 +216,8 @@ class StaticDecoder:
         self.language_model, self.lm_head, self.kind = language_model, lm_head, kind
         device = next(language_model.parameters()).device
         self.graph = graph = (graph or compiled) and device.type == "cuda"
+        # Mamba-2 states through our one-pass C kernel on CPU (~2.5x less time on the states of the 129M LM)
+        self.fused_ssm = device.type == "cpu" and kind == "mamba2" and cpu_kernels_available()
         # eager: MKL's GEMV wants the transposed layout; compiled: `project`'s fused reduction wants the default one
         use_gemv_layout(language_model, enabled=not compiled)
         use_gemv_layout(lm_head, enabled=not compiled)
@@ -220,7 +233,8 @@ class StaticDecoder:
         layers = range(len(self.language_model.layers))
         conv_states = [cache.get_conv_state(i) for i in layers]
         ssm_states = [cache.get_recurrent_state(i) for i in layers]
-        logits = self.step(self.language_model, self.lm_head, input_ids, conv_states, ssm_states, self.kind)
+        logits = self.step(self.language_model, self.lm_head, input_ids, conv_states, ssm_states, self.kind,
+                           self.fused_ssm)
         for i in layers:
             advance_cache_count(cache, i)
         return logits

@@ -154,7 +154,8 @@ class FastMamba2Mixer(Mamba2Mixer):
         if cache_params is not None:  # the last k conv inputs (zeros before the start) and the final state
             cache_params.update_conv_state(window.transpose(1, 2), self.layer_idx, conv_kernel_size=kernel)
             advance_cache_count(cache_params, self.layer_idx, length - kernel)  # it counted the window's k tokens
-            cache_params.update_recurrent_state(state, self.layer_idx)
+            # contiguous: the scan returns it transposed, and the decode step's one-pass kernel wants (b, h, p, n)
+            cache_params.update_recurrent_state(state.contiguous(), self.layer_idx)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def _scan_segment(self, hidden_states, attention_mask, context, state, want_state, seq_idx=None):

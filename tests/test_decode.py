@@ -10,6 +10,7 @@ from transformers import TextIteratorStreamer
 from utils import digit_images, tiny_model
 
 from modeling_ml_mamba.ml_mamba_compat import CACHE_NAME
+from modeling_ml_mamba.ml_mamba_cpu_kernels import cpu_kernels_available, ssm_step, ssm_step_reference
 
 
 def _pair(text, seed=0):
@@ -40,6 +41,8 @@ def test_static_steps_equal_the_eager_path(text):
                 token = step.logits[:, -1:].argmax(-1)
         results[implementation] = torch.cat(logits, 1), cache
     torch.testing.assert_close(results["static"][0], results["eager"][0], atol=2e-5, rtol=1e-4)
+    if text == "mamba2" and cpu_kernels_available():  # the states went through the one-pass C kernel
+        assert model._static_decoder().fused_ssm and results["static"][1].get_recurrent_state(0).is_contiguous()
     for i in range(model.config.text_config.num_hidden_layers):  # the same states afterwards
         torch.testing.assert_close(results["static"][1].get_recurrent_state(i),
                                    results["eager"][1].get_recurrent_state(i), atol=2e-5, rtol=1e-4)
@@ -215,3 +218,26 @@ def test_compiled_projection_equals_the_layer(kind, rows):
     tolerance = 1e-5 if kind == "float32" else 2e-2  # bf16 output / bf16 or block-wise int8 activations
     torch.testing.assert_close(got.double(), reference, atol=tolerance, rtol=tolerance)
     torch.testing.assert_close(got, layer(x), atol=tolerance, rtol=tolerance)  # the same as outside compile
+
+
+@pytest.mark.skipif(not cpu_kernels_available(), reason="no C compiler to build our CPU kernels")
+@pytest.mark.parametrize("batch, heads, head_dim, groups, state_size", [(1, 24, 64, 1, 128), (3, 8, 5, 2, 17)])
+def test_one_pass_ssm_kernel_equals_its_reference(batch, heads, head_dim, groups, state_size):
+    """`ssm_step` (eager and inside a compiled function, where it must update the state in place) against the eager
+    static step's PyTorch arithmetic: the same output and the same new state."""
+    torch.manual_seed(heads)
+    state = torch.randn(batch, heads, head_dim, state_size)
+    x, D = torch.randn(batch, heads, head_dim), torch.randn(heads)
+    dt, decay = torch.rand(batch, heads), torch.rand(batch, heads)
+    B, C = torch.randn(batch, groups, state_size), torch.randn(batch, groups, state_size)
+    expected_state = state.clone()
+    expected = ssm_step_reference(expected_state, x, dt, decay, B, C, D)
+    for run in (ssm_step, torch.compile(lambda *args: torch.ops.ml_mamba.ssm_step(*args), fullgraph=True)):
+        got_state = state.clone()
+        got = run(got_state, x, dt, decay, B, C, D)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_state, expected_state, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="B must be a float32 CPU tensor of shape"):
+        ssm_step(state.clone(), x, dt, decay, B[:, :, 1:], C, D)
+    with pytest.raises(ValueError, match="state must be contiguous"):
+        ssm_step(state.transpose(2, 3).contiguous().transpose(2, 3), x, dt, decay, B, C, D)

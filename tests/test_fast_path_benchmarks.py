@@ -55,7 +55,7 @@ def test_kernel_benchmark_reports_equal_outputs():
 def test_gemv_benchmark_times_every_int8_product(tmp_path):
     import bench_gemv
 
-    from modeling_ml_mamba.ml_mamba_int8_gemv import supported_isas
+    from modeling_ml_mamba.ml_mamba_cpu_kernels import supported_isas
 
     rows = bench_gemv.main(["--size", "tiny", "--rows", "1", "3", "--repeats", "1", "--output", str(tmp_path / "g")])
     expected = {f"int8 activations ({isa})" for isa in supported_isas()} | {"_weight_int8pack_mm",

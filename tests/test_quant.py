@@ -12,7 +12,7 @@ from transformers import AutoModelForImageTextToText
 from utils import digit_images, tiny_model
 
 from modeling_ml_mamba.ml_mamba_compat import CACHE_NAME
-from modeling_ml_mamba.ml_mamba_int8_gemv import (_library, int8_gemv, int8_gemv_available, int8_gemv_reference,
+from modeling_ml_mamba.ml_mamba_cpu_kernels import (_library, int8_gemv, cpu_kernels_available, int8_gemv_reference,
                                                   supported_isas)
 from modeling_ml_mamba.ml_mamba_quant import Int8Linear, quantize_int8
 
@@ -29,7 +29,7 @@ def test_int8_linear_matches_its_dequantized_reference():
     assert quantized(x).dtype == x.dtype
 
 
-@pytest.mark.skipif(not int8_gemv_available(), reason="no C compiler to build the int8 GEMV kernel")
+@pytest.mark.skipif(not cpu_kernels_available(), reason="no C compiler to build our CPU kernels")
 @pytest.mark.parametrize("in_features, out_features, rows", [(768, 300, 1), (1536, 70, 3), (100, 37, 2), (31, 5, 1)])
 def test_int8_gemv_matches_its_reference_on_every_instruction_set(in_features, out_features, rows):
     """Each instruction set this CPU has (AVX-512 VNNI, AVX2, portable C) against the float64 reference, including
@@ -54,7 +54,7 @@ def test_int8_gemv_matches_its_reference_on_every_instruction_set(in_features, o
         int8_gemv(x, weight, scale.float())
 
 
-@pytest.mark.skipif(not int8_gemv_available(), reason="no C compiler to build the int8 GEMV kernel")
+@pytest.mark.skipif(not cpu_kernels_available(), reason="no C compiler to build our CPU kernels")
 def test_int8_linear_quantizes_activations_for_few_rows_only():
     torch.manual_seed(1)
     linear = torch.nn.Linear(96, 40, bias=True)
@@ -70,17 +70,17 @@ def test_int8_linear_quantizes_activations_for_few_rows_only():
 
 
 def test_int8_gemv_switched_off_falls_back_to_pytorchs_kernel(monkeypatch):
-    monkeypatch.setenv("ML_MAMBA_INT8_GEMV", "0")
+    monkeypatch.setenv("ML_MAMBA_CPU_KERNELS", "0")
     _library.cache_clear()
     try:
-        assert not int8_gemv_available()
+        assert not cpu_kernels_available()
         layer = Int8Linear(torch.nn.Linear(32, 8))
         assert not layer.int8_activations
-        with pytest.raises(RuntimeError, match="ML_MAMBA_INT8_GEMV=0"):
+        with pytest.raises(RuntimeError, match="ML_MAMBA_CPU_KERNELS=0"):
             int8_gemv(torch.randn(1, 32), layer.weight_int8, layer.scale)
         assert layer(torch.randn(1, 32)).shape == (1, 8)
     finally:
-        monkeypatch.delenv("ML_MAMBA_INT8_GEMV")
+        monkeypatch.delenv("ML_MAMBA_CPU_KERNELS")
         _library.cache_clear()
 
 

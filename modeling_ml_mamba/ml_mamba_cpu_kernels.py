@@ -1,18 +1,23 @@
-"""An int8 matrix-vector product for CPU decoding: int8 weights (one scale per output row, as `Int8Linear` stores
-them) times activations quantized to int8 on the fly in blocks of 32 values with one float scale each, the scheme of
-llama.cpp's Q8_0 dot product. The integer products run as AVX-512 VNNI ``vpdpbusd`` (64 weights per instruction) or
-AVX2 ``vpmaddubsw``, so a decode step reads its weights at the memory system's rate instead of converting every
-int8 weight to float first: over the 129M LM's 49 weights at batch 1 (2 threads, AVX-512 VNNI) 4.2-4.5 ms against
-6.1 for Inductor's fused dequantizing reduction and 9.8-13 for ``aten._weight_int8pack_mm`` (`benchmarks/RESULTS.md`,
-"int8 activations"). Nothing in PyTorch computes this (its int8 weight-only kernel takes bfloat16 activations, and
-``_int_mm`` / ``quantized::linear_dynamic`` were slower here), hence our own kernel.
+"""Our two C kernels for CPU decoding, where nothing in PyTorch reaches the memory system's rate.
+
+* `int8_gemv`: int8 weights (one scale per output row, as `Int8Linear` stores them) times activations quantized to
+  int8 on the fly in blocks of 32 values with one float scale each, the scheme of llama.cpp's Q8_0 dot product. The
+  integer products run as AVX-512 VNNI ``vpdpbusd`` (64 weights per instruction) or AVX2 ``vpmaddubsw``, so the
+  weights are read at the memory's rate instead of being converted to float one by one: over the 129M LM's 49
+  weights at batch 1 (2 threads) 4.7-5.9 ms against 6.5-7.3 for Inductor's fused dequantizing reduction and 10-11
+  for ``aten._weight_int8pack_mm`` (`benchmarks/bench_gemv.py`). PyTorch's int8 weight-only kernel takes bfloat16
+  activations, and ``_int_mm`` / ``quantized::linear_dynamic`` were slower here.
+* `ssm_step`: one token of the Mamba-2 recurrence in one pass over the float32 state (decay, input, the output's
+  dot product with C and the skip term), in place. PyTorch makes three passes (``mul_``, ``addcmul_``, ``bmm``),
+  Inductor's code two; over the 129M LM's 19 MB of states this kernel takes ~1.2 ms a token, and the int8 decode
+  step 1.3-1.4 ms less than with PyTorch's passes (static 12.7 vs 14.2 ms, compiled 9.3 vs 10.6; RESULTS.md).
 
 The C source below is compiled once per machine with the system's C compiler (``$CC``, else ``gcc`` / ``cc``; the
 compiled step's Inductor needs one anyway) into ``$ML_MAMBA_KERNEL_CACHE`` (default ``~/.cache/ml_mamba/kernels``),
-loaded with ctypes and picks its instructions at run time (``__builtin_cpu_supports``): AVX-512 VNNI, AVX2 + FMA, or
-portable C. It runs on PyTorch's OpenMP threads. ``torch.ops.ml_mamba.int8_gemv`` is the op (opaque to
-`torch.compile`); without a compiler, or with ``ML_MAMBA_INT8_GEMV=0``, `int8_gemv_available()` is False and
-`Int8Linear` keeps PyTorch's kernel. The reference it is tested against is `int8_gemv_reference` (float64).
+loaded with ctypes, and picks its instructions at run time (``__builtin_cpu_supports``, GCC's ``target_clones``). It
+runs on PyTorch's OpenMP threads. The ops ``torch.ops.ml_mamba.int8_gemv`` / ``ssm_step`` are opaque to
+`torch.compile`. Without a compiler, or with ``ML_MAMBA_CPU_KERNELS=0``, `cpu_kernels_available()` is False and the
+callers keep PyTorch's kernels. The references they are tested against: `int8_gemv_reference`, `ssm_step_reference`.
 """
 
 from __future__ import annotations
@@ -158,6 +163,39 @@ int int8_gemv(const float* x, int64_t rows, int64_t n, const int8_t* w, const ui
     free(xs);
     return 0;
 }
+
+/* One token of the Mamba-2 recurrence for one head, in place, in one pass over its state (head_dim x n):
+   state[p, :] = decay * state[p, :] + x[p] * dt * B;  y[p] = state[p, :] . C + D * x[p] */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void ssm_head(float* state, const float* x, float dt, float decay, const float* B, const float* C, float D,
+                     float* y, int64_t head_dim, int64_t n) {
+    for (int64_t p = 0; p < head_dim; ++p) {
+        float* s = state + p * n;
+        const float xd = x[p] * dt;
+        float acc = 0.f;
+        #pragma omp simd reduction(+:acc)
+        for (int64_t k = 0; k < n; ++k) {
+            const float v = s[k] * decay + xd * B[k];
+            s[k] = v;
+            acc += v * C[k];
+        }
+        y[p] = acc + D * x[p];
+    }
+}
+
+/* state (batch, heads, head_dim, n), x and y (batch, heads, head_dim), dt and decay (batch, heads), B and C
+   (batch, groups, n), D (heads): all float32, contiguous. */
+void ssm_step(float* state, const float* x, const float* dt, const float* decay, const float* B, const float* C,
+              const float* D, float* y, int64_t batch, int64_t heads, int64_t head_dim, int64_t groups, int64_t n,
+              int threads) {
+    const int64_t per_group = heads / groups;
+    #pragma omp parallel for schedule(static) num_threads(threads) if(threads > 1 && batch * heads * head_dim * n > 65536)
+    for (int64_t bh = 0; bh < batch * heads; ++bh) {
+        const int64_t b = bh / heads, h = bh % heads, g = h / per_group;
+        ssm_head(state + bh * head_dim * n, x + bh * head_dim, dt[bh], decay[bh], B + (b * groups + g) * n,
+                 C + (b * groups + g) * n, D[h], y + bh * head_dim, head_dim, n);
+    }
+}
 """
 
 _FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp"]
@@ -170,7 +208,7 @@ def _cache_folder() -> Path:
 def _compile(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        source = Path(scratch) / "int8_gemv.c"
+        source = Path(scratch) / "cpu_kernels.c"
         source.write_text(_SOURCE)
         built = Path(scratch) / target.name
         subprocess.run([compiler, *_FLAGS, str(source), "-o", str(built)], check=True, capture_output=True,
@@ -180,32 +218,35 @@ def _compile(compiler: str, target: Path) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("ML_MAMBA_INT8_GEMV", "1") == "0":
+    if os.environ.get("ML_MAMBA_CPU_KERNELS", "1") == "0":
         return None
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
-        logger.warning("No C compiler found ($CC, gcc, cc): int8 layers use PyTorch's slower int8 kernel.")
+        logger.warning("No C compiler found ($CC, gcc, cc): decoding uses PyTorch's slower kernels.")
         return None
     digest = hashlib.sha256("\n".join([_SOURCE, compiler, *_FLAGS]).encode()).hexdigest()[:16]
-    target = _cache_folder() / f"int8_gemv_{digest}.so"
+    target = _cache_folder() / f"cpu_kernels_{digest}.so"
     try:
         if not target.exists():
             _compile(compiler, target)
         library = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", "") or error
-        logger.warning("Could not build the int8 GEMV kernel with %s (%s): int8 layers use PyTorch's slower kernel.",
+        logger.warning("Could not build ml-mamba's CPU kernels with %s (%s): decoding uses PyTorch's slower kernels.",
                        compiler, str(detail).strip()[:500])
         return None
     library.int8_gemv.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
     library.int8_gemv.restype = ctypes.c_int
     library.int8_gemv_best_isa.restype = ctypes.c_int
+    library.ssm_step.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+    library.ssm_step.restype = None
     return library
 
 
-def int8_gemv_available() -> bool:
-    """Whether the kernel is built (or could be now) on this machine and not switched off (``ML_MAMBA_INT8_GEMV=0``)."""
+def cpu_kernels_available() -> bool:
+    """Whether the kernels are built (or could be now) on this machine and not switched off
+    (``ML_MAMBA_CPU_KERNELS=0``)."""
     return _library() is not None
 
 
@@ -221,7 +262,7 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, isa: s
     row by ``scale`` (out,) bfloat16: (rows, out) float32. ``isa`` picks an instruction set (default: the fastest)."""
     library = _library()
     if library is None:
-        raise RuntimeError("The int8 GEMV kernel is not available (no C compiler, or ML_MAMBA_INT8_GEMV=0).")
+        raise RuntimeError("ml-mamba's CPU kernels are not available (no C compiler, or ML_MAMBA_CPU_KERNELS=0).")
     if x.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"int8_gemv: x must be (rows, {weight.shape[1]}), got {tuple(x.shape)}.")
     if weight.dtype != torch.int8 or scale.dtype != torch.bfloat16 or scale.shape != (weight.shape[0],):
@@ -256,8 +297,51 @@ def int8_gemv_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
     return dequantized @ weight.double().t() * scale.double()
 
 
-# The op through torch.library's define / impl rather than `custom_op`, whose Python wrapper costs ~6 us more a call
-# (measured: 9.5 vs 14.2 us for a tiny product; a decode step makes 49 calls). Registered once per process, also
+def ssm_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, decay: torch.Tensor, B: torch.Tensor,
+             C: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """One token of the Mamba-2 recurrence, ``state`` (batch, heads, head_dim, n) updated in place:
+    ``state = decay * state + (x * dt) B``, returns ``y = state . C + D * x`` (batch, heads, head_dim). ``x``
+    (batch, heads, head_dim), ``dt`` and ``decay`` (batch, heads), ``B`` and ``C`` (batch, groups, n), ``D``
+    (heads,); all float32 CPU tensors, ``state`` contiguous."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("ml-mamba's CPU kernels are not available (no C compiler, or ML_MAMBA_CPU_KERNELS=0).")
+    batch, heads, head_dim, n = state.shape
+    groups = B.shape[1]
+    expected = {"x": (batch, heads, head_dim), "dt": (batch, heads), "decay": (batch, heads), "B": (batch, groups, n),
+                "C": (batch, groups, n), "D": (heads,)}
+    for name, tensor in zip(expected, (x, dt, decay, B, C, D)):
+        if tuple(tensor.shape) != expected[name] or tensor.dtype != torch.float32 or tensor.device.type != "cpu":
+            raise ValueError(f"ssm_step: {name} must be a float32 CPU tensor of shape {expected[name]} for a state of "
+                             f"shape {tuple(state.shape)}, got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}.")
+    if state.dtype != torch.float32 or not state.is_contiguous() or heads % groups:
+        raise ValueError(f"ssm_step: the state must be contiguous float32 with heads divisible by groups, got "
+                         f"{state.dtype}, contiguous={state.is_contiguous()}, {heads} heads, {groups} groups.")
+    return _run_ssm(library, state, x, dt, decay, B, C, D)
+
+
+def _run_ssm(library, state, x, dt, decay, B, C, D) -> torch.Tensor:
+    batch, heads, head_dim, n = state.shape
+    x, dt, decay, B, C, D = (t.contiguous() for t in (x, dt, decay, B, C, D))
+    y = torch.empty(batch, heads, head_dim, dtype=torch.float32)
+    library.ssm_step(state.data_ptr(), x.data_ptr(), dt.data_ptr(), decay.data_ptr(), B.data_ptr(), C.data_ptr(),
+                     D.data_ptr(), y.data_ptr(), batch, heads, head_dim, B.shape[1], n, torch.get_num_threads())
+    return y
+
+
+def ssm_step_reference(state, x, dt, decay, B, C, D) -> torch.Tensor:
+    """`ssm_step` with PyTorch ops (the eager static step's arithmetic), ``state`` updated in place."""
+    batch, heads, head_dim, n = state.shape
+    groups = B.shape[1]
+    grouped = state.view(batch, groups, heads // groups, head_dim, n)
+    x_dt = (x * dt[..., None]).view(batch, groups, heads // groups, head_dim, 1)
+    grouped.mul_(decay.view(batch, groups, heads // groups, 1, 1)).addcmul_(x_dt, B.view(batch, groups, 1, 1, n))
+    y = torch.bmm(state.view(batch * groups, heads // groups * head_dim, n), C.reshape(batch * groups, n, 1))
+    return y.view(batch, heads, head_dim) + D[:, None] * x
+
+
+# The ops through torch.library's define / impl rather than `custom_op`, whose Python wrapper costs ~6 us more a call
+# (measured: 9.5 vs 14.2 us for a tiny product; a decode step makes 73 calls). Registered once per process, also
 # when this file is imported a second time under another name.
 if not hasattr(torch.ops.ml_mamba, "int8_gemv"):
     torch.library.define("ml_mamba::int8_gemv", "(Tensor x, Tensor weight, Tensor scale) -> Tensor")
@@ -271,5 +355,18 @@ if not hasattr(torch.ops.ml_mamba, "int8_gemv"):
     def _(x, weight, scale):
         return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
+if not hasattr(torch.ops.ml_mamba, "ssm_step"):
+    torch.library.define("ml_mamba::ssm_step", "(Tensor(a!) state, Tensor x, Tensor dt, Tensor decay, Tensor B, "
+                         "Tensor C, Tensor D) -> Tensor")
 
-__all__ = ["int8_gemv", "int8_gemv_available", "int8_gemv_reference", "supported_isas", "BLOCK"]
+    @torch.library.impl("ml_mamba::ssm_step", "cpu")
+    def _ssm_step_cpu(state, x, dt, decay, B, C, D):
+        return _run_ssm(_library(), state, x, dt, decay, B, C, D)
+
+    @torch.library.register_fake("ml_mamba::ssm_step")
+    def _(state, x, dt, decay, B, C, D):
+        return x.new_empty(x.shape, dtype=torch.float32)
+
+
+__all__ = ["int8_gemv", "cpu_kernels_available", "int8_gemv_reference", "ssm_step", "ssm_step_reference",
+           "supported_isas", "BLOCK"]
