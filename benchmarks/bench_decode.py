@@ -42,6 +42,7 @@ sys.path.insert(0, HERE)
 import vlm_pair  # noqa: E402
 
 from modeling_ml_mamba.ml_mamba_compat import CACHE_NAME  # noqa: E402
+from modeling_ml_mamba.ml_mamba_cpu_kernels import supported_isas  # noqa: E402
 from modeling_ml_mamba.ml_mamba_quant import quantize_int8, split_gemv  # noqa: E402
 
 
@@ -226,7 +227,8 @@ def export_mamba2(model, folder: str) -> None:
 def markdown(rows, meta) -> str:
     lines = [f"Machine: {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, transformers "
              f"{meta['transformers']}, load {meta['load']}; copy bandwidth {meta['bandwidth']['copy_GBps']:.1f} GB/s "
-             f"(read {meta['bandwidth']['read_GBps']:.1f} GB/s). {meta.get('llama_cpp', '')}", "",
+             f"(read {meta['bandwidth']['read_GBps']:.1f} GB/s); our CPU kernels: {meta['cpu_kernels']}. "
+             f"{meta.get('llama_cpp', '')}", "",
              "Roofline = bytes a token reads (weights + state or KV cache) / copy bandwidth, the definition of the "
              "issue; reads alone run faster, so the last column gives the share against the read bandwidth too.", "",
              "| arm | precision | decode | context | ms/token | tokens/s | bytes/token (MB) | roofline ms (copy) | "
@@ -260,7 +262,7 @@ def main(argv=None):
 
     meta = {"cpu": vlm_pair.cpu_name(), "threads": args.threads, "torch": torch.__version__,
             "transformers": transformers.__version__, "load": " ".join(open("/proc/loadavg").read().split()[:3]),
-            "bandwidth": bandwidth(args.threads)}
+            "bandwidth": bandwidth(args.threads), "cpu_kernels": (supported_isas() or ["off"])[0]}
     print(f"bandwidth: {meta['bandwidth']}", flush=True)
     rows = []
     base = vlm_pair.build_model("ml-mamba", args.size)

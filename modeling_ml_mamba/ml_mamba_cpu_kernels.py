@@ -16,8 +16,9 @@ The C source below is compiled once per machine with the system's C compiler (``
 compiled step's Inductor needs one anyway) into ``$ML_MAMBA_KERNEL_CACHE`` (default ``~/.cache/ml_mamba/kernels``),
 loaded with ctypes, and picks its instructions at run time (``__builtin_cpu_supports``, GCC's ``target_clones``). It
 runs on PyTorch's OpenMP threads. The ops ``torch.ops.ml_mamba.int8_gemv`` / ``ssm_step`` are opaque to
-`torch.compile`. Without a compiler, or with ``ML_MAMBA_CPU_KERNELS=0``, `cpu_kernels_available()` is False and the
-callers keep PyTorch's kernels. The references they are tested against: `int8_gemv_reference`, `ssm_step_reference`.
+`torch.compile`. On other CPUs than x86-64, without a compiler, or with ``ML_MAMBA_CPU_KERNELS=0``,
+`cpu_kernels_available()` is False and the callers keep PyTorch's kernels. The references they are tested against:
+`int8_gemv_reference`, `ssm_step_reference`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -124,7 +126,8 @@ static void rows_avx2(const int8_t* xq, const float* xs, const int8_t* w, int64_
         s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         s = _mm_add_ss(s, _mm_movehdup_ps(s));
         float t = _mm_cvtss_f32(s);
-        if (blocks * BLOCK < n) t += dot_portable(xq + blocks * BLOCK, xs + blocks, wr + blocks * BLOCK, n - blocks * BLOCK);
+        if (blocks * BLOCK < n)
+            t += dot_portable(xq + blocks * BLOCK, xs + blocks, wr + blocks * BLOCK, n - blocks * BLOCK);
         y[r] = t * bf16_to_f32(scale[r]);
     }
 }
@@ -142,10 +145,12 @@ int int8_gemv_best_isa(void) {
     return 0;
 }
 
-/* y (rows, out) float32 = x (rows, n) float32, quantized, times w (out, n) int8 scaled by scale (out, bfloat16 bits). */
+/* y (rows, out) float32 = x (rows, n) float32, quantized, times w (out, n) int8 scaled by scale (out, bfloat16
+   bits). */
 int int8_gemv(const float* x, int64_t rows, int64_t n, const int8_t* w, const uint16_t* scale, float* y,
               int64_t out, int threads, int isa) {
-    typedef void (*rows_fn)(const int8_t*, const float*, const int8_t*, int64_t, int64_t, int64_t, const uint16_t*, float*);
+    typedef void (*rows_fn)(const int8_t*, const float*, const int8_t*, int64_t, int64_t, int64_t, const uint16_t*,
+                            float*);
     rows_fn fn = isa == 2 ? rows_vnni : isa == 1 ? rows_avx2 : rows_portable;
     int64_t n_pad = (n + 63) / 64 * 64, scales = n_pad / BLOCK;
     int8_t* xq = (int8_t*)aligned_alloc(64, rows * n_pad);
@@ -189,7 +194,8 @@ void ssm_step(float* state, const float* x, const float* dt, const float* decay,
               const float* D, float* y, int64_t batch, int64_t heads, int64_t head_dim, int64_t groups, int64_t n,
               int threads) {
     const int64_t per_group = heads / groups;
-    #pragma omp parallel for schedule(static) num_threads(threads) if(threads > 1 && batch * heads * head_dim * n > 65536)
+    #pragma omp parallel for schedule(static) num_threads(threads) \
+        if(threads > 1 && batch * heads * head_dim * n > 65536)
     for (int64_t bh = 0; bh < batch * heads; ++bh) {
         const int64_t b = bh / heads, h = bh % heads, g = h / per_group;
         ssm_head(state + bh * head_dim * n, x + bh * head_dim, dt[bh], decay[bh], B + (b * groups + g) * n,
@@ -218,8 +224,8 @@ def _compile(compiler: str, target: Path) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("ML_MAMBA_CPU_KERNELS", "1") == "0":
-        return None
+    if os.environ.get("ML_MAMBA_CPU_KERNELS", "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None  # switched off, or not an x86-64 CPU (the source uses x86 intrinsics)
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         logger.warning("No C compiler found ($CC, gcc, cc): decoding uses PyTorch's slower kernels.")
@@ -248,6 +254,11 @@ def cpu_kernels_available() -> bool:
     """Whether the kernels are built (or could be now) on this machine and not switched off
     (``ML_MAMBA_CPU_KERNELS=0``)."""
     return _library() is not None
+
+
+def fast_int8_gemv_available() -> bool:
+    """Whether `int8_gemv` runs on AVX2 or AVX-512 VNNI here (its portable C loop is slower than PyTorch's kernel)."""
+    return supported_isas()[:1] in (["vnni"], ["avx2"])
 
 
 def supported_isas() -> list[str]:
@@ -312,8 +323,9 @@ def ssm_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, decay: torc
                 "C": (batch, groups, n), "D": (heads,)}
     for name, tensor in zip(expected, (x, dt, decay, B, C, D)):
         if tuple(tensor.shape) != expected[name] or tensor.dtype != torch.float32 or tensor.device.type != "cpu":
-            raise ValueError(f"ssm_step: {name} must be a float32 CPU tensor of shape {expected[name]} for a state of "
-                             f"shape {tuple(state.shape)}, got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}.")
+            raise ValueError(f"ssm_step: {name} must be a float32 CPU tensor of shape {expected[name]} for a state "
+                             f"of shape {tuple(state.shape)}, got {tensor.dtype} {tuple(tensor.shape)} on "
+                             f"{tensor.device}.")
     if state.dtype != torch.float32 or not state.is_contiguous() or heads % groups:
         raise ValueError(f"ssm_step: the state must be contiguous float32 with heads divisible by groups, got "
                          f"{state.dtype}, contiguous={state.is_contiguous()}, {heads} heads, {groups} groups.")
@@ -368,5 +380,5 @@ if not hasattr(torch.ops.ml_mamba, "ssm_step"):
         return x.new_empty(x.shape, dtype=torch.float32)
 
 
-__all__ = ["int8_gemv", "cpu_kernels_available", "int8_gemv_reference", "ssm_step", "ssm_step_reference",
-           "supported_isas", "BLOCK"]
+__all__ = ["int8_gemv", "cpu_kernels_available", "fast_int8_gemv_available", "int8_gemv_reference", "ssm_step",
+           "ssm_step_reference", "supported_isas", "BLOCK"]

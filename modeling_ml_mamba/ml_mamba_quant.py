@@ -6,10 +6,10 @@ symmetric per-output-channel int8 weights with one scale per row. Up to `INT8_AC
 multiply activations quantized to int8 per block of 32 values (llama.cpp's Q8_0 scheme) with our VNNI / AVX2 kernel
 (`ml_mamba_cpu_kernels`), the fastest here at every such row count; more rows (prefill) go through
 ``torch.ops.aten._weight_int8pack_mm`` (the CPU kernel torchao's int8 weight-only mode also ends in) with bfloat16
-activations, 4.2x faster per weight byte than float32 `F.linear` at batch 1 here (`benchmarks/RESULTS.md`). Everything else keeps its dtype: the embeddings,
-the norms, `A_log`, `D`, `dt_bias`, the conv and the recurrent state stay in float32 (low-precision state is a known
-source of drift in Mamba models). Off CPU, or where the kernel is missing, the layer dequantizes and runs a plain
-matmul (the reference it is tested against).
+activations, 4.2x faster per weight byte than float32 `F.linear` at batch 1 here (`benchmarks/RESULTS.md`).
+Everything else keeps its dtype: the embeddings, the norms, `A_log`, `D`, `dt_bias`, the conv and the recurrent state
+stay in float32 (low-precision state is a known source of drift in Mamba models). Off CPU, or where the kernel is
+missing, the layer dequantizes and runs a plain matmul (the reference it is tested against).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ml_mamba_cpu_kernels import cpu_kernels_available
+from .ml_mamba_cpu_kernels import fast_int8_gemv_available
 
 # Up to how many rows `Int8Linear` quantizes its activations to int8 for our kernel (2 threads, AVX-512 VNNI, the
 # 129M LM's weights: 1.5-2x faster than `_weight_int8pack_mm` from 1 to 16 rows; benchmarks/RESULTS.md).
@@ -32,13 +32,13 @@ def _int8pack_mm():
 class Int8Linear(nn.Module):
     """``y = x @ (scale * W_int8)^T + bias``, weights int8 per output channel (symmetric, round to nearest).
 
-    ``int8_activations`` (default: where our kernel builds) quantizes the activations of calls with up to
-    `INT8_ACTIVATION_ROWS` rows to int8 per block of 32 values for the int8 kernel; otherwise, and for more rows,
-    they enter PyTorch's kernel in bfloat16."""
+    ``int8_activations`` (default: where our kernel builds and has AVX2 or VNNI) quantizes the activations of calls
+    with up to `INT8_ACTIVATION_ROWS` rows to int8 per block of 32 values for the int8 kernel; otherwise, and for
+    more rows, they enter PyTorch's kernel in bfloat16."""
 
     def __init__(self, linear: nn.Linear, int8_activations: bool | None = None):
         super().__init__()
-        self.int8_activations = cpu_kernels_available() if int8_activations is None else int8_activations
+        self.int8_activations = fast_int8_gemv_available() if int8_activations is None else int8_activations
         weight = linear.weight.detach().float()
         # The kernel takes bfloat16 scales: quantize with the stored (rounded up, so |w| / scale <= 127) scale itself.
         scale = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0 * (1 + 2**-7)).to(torch.bfloat16)

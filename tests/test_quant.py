@@ -12,8 +12,8 @@ from transformers import AutoModelForImageTextToText
 from utils import digit_images, tiny_model
 
 from modeling_ml_mamba.ml_mamba_compat import CACHE_NAME
-from modeling_ml_mamba.ml_mamba_cpu_kernels import (_library, int8_gemv, cpu_kernels_available, int8_gemv_reference,
-                                                  supported_isas)
+from modeling_ml_mamba.ml_mamba_cpu_kernels import (_library, cpu_kernels_available, fast_int8_gemv_available,
+                                                    int8_gemv, int8_gemv_reference, supported_isas)
 from modeling_ml_mamba.ml_mamba_quant import Int8Linear, quantize_int8
 
 
@@ -54,7 +54,7 @@ def test_int8_gemv_matches_its_reference_on_every_instruction_set(in_features, o
         int8_gemv(x, weight, scale.float())
 
 
-@pytest.mark.skipif(not cpu_kernels_available(), reason="no C compiler to build our CPU kernels")
+@pytest.mark.skipif(not fast_int8_gemv_available(), reason="no x86-64 AVX2 CPU and C compiler for our int8 kernel")
 def test_int8_linear_quantizes_activations_for_few_rows_only():
     torch.manual_seed(1)
     linear = torch.nn.Linear(96, 40, bias=True)
@@ -69,18 +69,28 @@ def test_int8_linear_quantizes_activations_for_few_rows_only():
     torch.testing.assert_close(bfloat16_only(few), reference, atol=2e-2, rtol=2e-2)
 
 
-def test_int8_gemv_switched_off_falls_back_to_pytorchs_kernel(monkeypatch):
-    monkeypatch.setenv("ML_MAMBA_CPU_KERNELS", "0")
+@pytest.mark.parametrize("why", ["switched off", "not x86-64"])
+def test_without_our_kernels_decoding_falls_back_to_pytorch(why, monkeypatch):
+    if why == "switched off":
+        monkeypatch.setenv("ML_MAMBA_CPU_KERNELS", "0")
+    else:
+        monkeypatch.setattr("platform.machine", lambda: "aarch64")
     _library.cache_clear()
     try:
-        assert not cpu_kernels_available()
+        assert not cpu_kernels_available() and not fast_int8_gemv_available()
         layer = Int8Linear(torch.nn.Linear(32, 8))
         assert not layer.int8_activations
         with pytest.raises(RuntimeError, match="ML_MAMBA_CPU_KERNELS=0"):
             int8_gemv(torch.randn(1, 32), layer.weight_int8, layer.scale)
         assert layer(torch.randn(1, 32)).shape == (1, 8)
+        model, processor = tiny_model("mlp", text="mamba2", seed=5)
+        inputs = processor(images=digit_images(1), text=["<image>Which digit?"], return_tensors="pt")
+        expected = model.generate(**inputs, max_new_tokens=3, do_sample=False)  # the static step, PyTorch's ops
+        assert not model._static_decoder().fused_ssm
+        model.config.decode_implementation = "eager"
+        assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), expected)
     finally:
-        monkeypatch.delenv("ML_MAMBA_CPU_KERNELS")
+        monkeypatch.undo()
         _library.cache_clear()
 
 
