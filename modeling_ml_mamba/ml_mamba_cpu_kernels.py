@@ -1,4 +1,5 @@
-"""Our two C kernels for CPU decoding, where nothing in PyTorch reaches the memory system's rate.
+"""Our C code for CPU decoding, where nothing in PyTorch reaches the memory system's rate: two kernels and, built on
+them, a whole int8 Mamba-2 decode step.
 
 * `int8_gemv`: int8 weights (one scale per output row, as `Int8Linear` stores them) times activations quantized to
   int8 on the fly in blocks of 32 values with one float scale each, the scheme of llama.cpp's Q8_0 dot product. The
@@ -11,6 +12,10 @@
   dot product with C and the skip term), in place. PyTorch makes three passes (``mul_``, ``addcmul_``, ``bmm``),
   Inductor's code two; over the 129M LM's 19 MB of states this kernel takes ~1.2 ms a token, and the int8 decode
   step 1.3-1.4 ms less than with PyTorch's passes (static 12.7 vs 14.2 ms, compiled 9.3 vs 10.6; RESULTS.md).
+* `Mamba2Int8Step`: every layer of an int8 Mamba-2 LM (norms, int8 projections, conv, dt, state update, gated norm,
+  residual) and the int8 head in one call per token. The compiled step still spent ~2 ms a token in Python
+  between its kernels (Dynamo's guards, Inductor's wrapper); in C the int8 step takes 6.4-6.7 ms against 8-10
+  compiled, 1.07-1.22x llama.cpp's Q8_0 on the same weights (`benchmarks/RESULTS.md`).
 
 The C source below is compiled once per machine with the system's C compiler (``$CC``, else ``gcc`` / ``cc``; the
 compiled step's Inductor needs one anyway) into ``$ML_MAMBA_KERNEL_CACHE`` (default ``~/.cache/ml_mamba/kernels``),
@@ -202,6 +207,107 @@ void ssm_step(float* state, const float* x, const float* dt, const float* decay,
                  C + (b * groups + g) * n, D[h], y + bh * head_dim, head_dim, n);
     }
 }
+
+/* ---- A whole Mamba-2 decode step for int8 models: every layer in C, one call per token ---------------------- */
+
+typedef struct {
+    const float* norm_w;                                      /* block RMSNorm (d_model) */
+    const int8_t* in_w; const uint16_t* in_s; const float* in_b;  /* in_proj (in_out, d_model), bias or NULL */
+    const float* conv_w; const float* conv_b;                 /* depthwise conv (conv_dim, kernel), bias or NULL */
+    const float* dt_bias; const float* A_log; const float* D;  /* (heads) each */
+    const float* gnorm_w;                                     /* gated RMSNorm (d_inner) */
+    const int8_t* out_w; const uint16_t* out_s; const float* out_b;  /* out_proj (d_model, d_inner), bias or NULL */
+} mamba2_layer;
+
+typedef struct {
+    int64_t d_model, d_inner, conv_dim, kernel, heads, head_dim, groups, n, group_size, in_out;
+    float norm_eps, gated_eps, dt_min, dt_max;
+} mamba2_dims;
+
+static void rms_norm_row(const float* x, const float* w, float* out, int64_t n, float eps) {
+    double sum = 0.0;
+    for (int64_t k = 0; k < n; ++k) sum += (double)x[k] * x[k];
+    const float inv = 1.f / sqrtf((float)(sum / n) + eps);
+    for (int64_t k = 0; k < n; ++k) out[k] = w[k] * (x[k] * inv);
+}
+
+static inline float silu(float v) { return v / (1.f + expf(-v)); }
+static inline float softplus(float v) { return v > 20.f ? v : log1pf(expf(v)); }
+
+/* One token for `batch` sequences: hidden (batch, d_model) holds the embeddings and is overwritten; logits
+   (batch, vocab). conv_states[l] (batch, conv_dim, kernel) and ssm_states[l] (batch, heads, head_dim, n) advance in
+   place. Returns 0, or 1 when scratch memory could not be allocated. */
+int mamba2_int8_step(const mamba2_layer* layers, int64_t n_layers, float* const* conv_states, float* const* ssm_states,
+                     float* hidden, int64_t batch, const float* norm_f_w, float norm_f_eps, const int8_t* head_w,
+                     const uint16_t* head_s, const float* head_b, int64_t vocab, float* logits,
+                     const mamba2_dims* d, int threads, int isa) {
+    const int64_t dm = d->d_model, di = d->d_inner, cd = d->conv_dim, K = d->kernel, H = d->heads, P = d->head_dim,
+                  G = d->groups, N = d->n, io = d->in_out;
+    float* normed = (float*)malloc(sizeof(float) * batch * (dm > di ? dm : di));
+    float* zx = (float*)malloc(sizeof(float) * batch * io);
+    float* xbc = (float*)malloc(sizeof(float) * batch * cd);
+    float* y = (float*)malloc(sizeof(float) * batch * di);
+    float* out = (float*)malloc(sizeof(float) * batch * dm);
+    float* dts = (float*)malloc(sizeof(float) * batch * H * 2);
+    int status = (normed && zx && xbc && y && out && dts) ? 0 : 1;
+    for (int64_t l = 0; l < n_layers && status == 0; ++l) {
+        const mamba2_layer* L = layers + l;
+        for (int64_t b = 0; b < batch; ++b) rms_norm_row(hidden + b * dm, L->norm_w, normed + b * dm, dm, d->norm_eps);
+        status |= int8_gemv(normed, batch, dm, L->in_w, L->in_s, zx, io, threads, isa);
+        for (int64_t b = 0; b < batch; ++b) {
+            float* row = zx + b * io;
+            if (L->in_b) for (int64_t k = 0; k < io; ++k) row[k] += L->in_b[k];
+            /* the causal conv: shift the new inputs into the window, then a dot product per channel, then SiLU */
+            float* window = conv_states[l] + b * cd * K;
+            for (int64_t c = 0; c < cd; ++c) {
+                float* wc = window + c * K;
+                float acc = L->conv_b ? L->conv_b[c] : 0.f;
+                for (int64_t k = 0; k + 1 < K; ++k) wc[k] = wc[k + 1];
+                wc[K - 1] = row[di + c];
+                for (int64_t k = 0; k < K; ++k) acc += wc[k] * L->conv_w[c * K + k];
+                xbc[b * cd + c] = silu(acc);
+            }
+            for (int64_t h = 0; h < H; ++h) {
+                float dt = softplus(row[di + cd + h] + L->dt_bias[h]);
+                dt = dt < d->dt_min ? d->dt_min : dt > d->dt_max ? d->dt_max : dt;
+                float log_decay = dt * -expf(L->A_log[h]);
+                dts[(b * H + h) * 2] = dt;
+                dts[(b * H + h) * 2 + 1] = expf(log_decay < -80.f ? -80.f : log_decay);
+            }
+        }
+        #pragma omp parallel for schedule(static) num_threads(threads) if(threads > 1 && batch * H * P * N > 65536)
+        for (int64_t bh = 0; bh < batch * H; ++bh) {
+            const int64_t b = bh / H, h = bh % H, g = h / (H / G);
+            const float* xb = xbc + b * cd;
+            ssm_head(ssm_states[l] + bh * P * N, xb + h * P, dts[bh * 2], dts[bh * 2 + 1], xb + di + g * N,
+                     xb + di + G * N + g * N, L->D[h], y + b * di + h * P, P, N);
+        }
+        for (int64_t b = 0; b < batch; ++b) {  /* gated RMSNorm per group, then out_proj's input */
+            const float* gate = zx + b * io;
+            float* yb = y + b * di;
+            for (int64_t k = 0; k < di; ++k) yb[k] *= silu(gate[k]);
+            for (int64_t start = 0; start < di; start += d->group_size) {
+                double sum = 0.0;
+                for (int64_t k = start; k < start + d->group_size; ++k) sum += (double)yb[k] * yb[k];
+                const float inv = 1.f / sqrtf((float)(sum / d->group_size) + d->gated_eps);
+                for (int64_t k = start; k < start + d->group_size; ++k)
+                    normed[b * di + k] = L->gnorm_w[k] * (yb[k] * inv);
+            }
+        }
+        status |= int8_gemv(normed, batch, di, L->out_w, L->out_s, out, dm, threads, isa);
+        for (int64_t b = 0; b < batch; ++b)
+            for (int64_t k = 0; k < dm; ++k) hidden[b * dm + k] += out[b * dm + k] + (L->out_b ? L->out_b[k] : 0.f);
+    }
+    if (status == 0) {
+        for (int64_t b = 0; b < batch; ++b) rms_norm_row(hidden + b * dm, norm_f_w, normed + b * dm, dm, norm_f_eps);
+        status |= int8_gemv(normed, batch, dm, head_w, head_s, logits, vocab, threads, isa);
+        if (head_b)
+            for (int64_t b = 0; b < batch; ++b)
+                for (int64_t k = 0; k < vocab; ++k) logits[b * vocab + k] += head_b[k];
+    }
+    free(normed); free(zx); free(xbc); free(y); free(out); free(dts);
+    return status;
+}
 """
 
 _FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp"]
@@ -247,6 +353,11 @@ def _library() -> ctypes.CDLL | None:
     library.int8_gemv_best_isa.restype = ctypes.c_int
     library.ssm_step.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 5 + [ctypes.c_int]
     library.ssm_step.restype = None
+    library.mamba2_int8_step.argtypes = [
+        ctypes.POINTER(_Layer), ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p),
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.POINTER(_Dims), ctypes.c_int, ctypes.c_int]
+    library.mamba2_int8_step.restype = ctypes.c_int
     return library
 
 
@@ -352,6 +463,96 @@ def ssm_step_reference(state, x, dt, decay, B, C, D) -> torch.Tensor:
     return y.view(batch, heads, head_dim) + D[:, None] * x
 
 
+class _Layer(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "norm_w", "in_w", "in_s", "in_b", "conv_w", "conv_b", "dt_bias", "A_log", "D", "gnorm_w", "out_w", "out_s",
+        "out_b")]
+
+
+class _Dims(ctypes.Structure):
+    _fields_ = ([(name, ctypes.c_int64) for name in ("d_model", "d_inner", "conv_dim", "kernel", "heads", "head_dim",
+                                                      "groups", "n", "group_size", "in_out")]
+                + [(name, ctypes.c_float) for name in ("norm_eps", "gated_eps", "dt_min", "dt_max")])
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+class Mamba2Int8Step:
+    """A whole Mamba-2 decode step in C (`mamba2_int8_step`): every layer's norm, int8 in_proj, conv, SSM update,
+    gated norm, int8 out_proj and residual, then the final norm and the int8 head, in one call per token, so no
+    Python runs between the kernels (a third of the compiled step's time at batch 1). For a language model whose
+    linear layers and head are `Int8Linear` and whose other weights are float32 (`eligible`)."""
+
+    def __init__(self, language_model, lm_head):
+        self.language_model, self.lm_head = language_model, lm_head
+        self.tensors = []  # the contiguous float32 views the pointers point into, kept alive here
+        layers = (_Layer * len(language_model.layers))()
+        for layer, block in zip(layers, language_model.layers):
+            mixer = block.mixer
+            for name, tensor in (("norm_w", block.norm.weight), ("conv_w", mixer.conv1d.weight),
+                                 ("conv_b", mixer.conv1d.bias), ("dt_bias", mixer.dt_bias), ("A_log", mixer.A_log),
+                                 ("D", mixer.D), ("gnorm_w", mixer.norm.weight), ("in_w", mixer.in_proj.weight_int8),
+                                 ("in_s", mixer.in_proj.scale), ("in_b", mixer.in_proj.bias),
+                                 ("out_w", mixer.out_proj.weight_int8), ("out_s", mixer.out_proj.scale),
+                                 ("out_b", mixer.out_proj.bias)):
+                setattr(layer, name, self._keep(tensor))
+        self.layers = layers
+        mixer, block = language_model.layers[0].mixer, language_model.layers[0]
+        low, high = mixer.time_step_limit
+        self.dims = _Dims(language_model.config.hidden_size if hasattr(language_model, "config") else
+                          block.norm.weight.numel(), mixer.intermediate_size, mixer.conv_dim, mixer.conv_kernel_size,
+                          mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size, mixer.norm.group_size,
+                          mixer.in_proj.out_features, block.norm.variance_epsilon, mixer.norm.variance_epsilon, low,
+                          high)
+        self.norm_f = self._keep(language_model.norm_f.weight)
+        self.norm_f_eps = language_model.norm_f.variance_epsilon
+        self.head = (self._keep(lm_head.weight_int8), self._keep(lm_head.scale), self._keep(lm_head.bias))
+
+    def _keep(self, tensor):
+        if tensor is None:
+            return None
+        tensor = tensor.detach().contiguous()
+        self.tensors.append(tensor)
+        return tensor.data_ptr()
+
+    @staticmethod
+    def eligible(language_model, lm_head) -> bool:
+        """Mamba-2 blocks of SiLU mixers whose in/out projections and head are `Int8Linear` with int8 activations
+        on CPU, with float32 norms, conv, ``A_log``, ``D`` and ``dt_bias``, and no extra MLP in ``in_proj``."""
+        if not (getattr(lm_head, "int8_activations", False) and fast_int8_gemv_available()):
+            return False
+        for block in language_model.layers:
+            mixer = getattr(block, "mixer", None)
+            if mixer is None or not hasattr(mixer, "A_log") or mixer.activation not in ("silu", "swish"):
+                return False
+            if not all(getattr(linear, "int8_activations", False) for linear in (mixer.in_proj, mixer.out_proj)):
+                return False
+            expected = mixer.intermediate_size + mixer.conv_dim + mixer.num_heads
+            floats = [block.norm.weight, mixer.conv1d.weight, mixer.dt_bias, mixer.A_log, mixer.D, mixer.norm.weight]
+            if mixer.in_proj.out_features != expected or any(t.dtype != torch.float32 or t.device.type != "cpu"
+                                                              for t in floats):
+                return False
+        return language_model.norm_f.weight.dtype == torch.float32
+
+    def __call__(self, input_ids: torch.Tensor, conv_states: list, ssm_states: list) -> torch.Tensor:
+        hidden = self.language_model.embeddings(input_ids[:, 0]).float().contiguous()
+        batch = hidden.shape[0]
+        if not all(s.is_contiguous() and s.dtype == torch.float32 for s in list(conv_states) + list(ssm_states)):
+            raise ValueError("Mamba2Int8Step needs contiguous float32 conv and SSM states.")
+        logits = torch.empty(batch, self.lm_head.out_features, dtype=torch.float32)
+        pointers = ctypes.c_void_p * len(conv_states)
+        status = _library().mamba2_int8_step(
+            self.layers, len(self.layers), pointers(*[s.data_ptr() for s in conv_states]),
+            pointers(*[s.data_ptr() for s in ssm_states]), hidden.data_ptr(), batch, self.norm_f, self.norm_f_eps,
+            *self.head, self.lm_head.out_features, logits.data_ptr(), ctypes.byref(self.dims),
+            torch.get_num_threads(), _library().int8_gemv_best_isa())
+        if status:
+            raise MemoryError("mamba2_int8_step could not allocate its scratch buffers.")
+        return logits
+
+
 # The ops through torch.library's define / impl rather than `custom_op`, whose Python wrapper costs ~6 us more a call
 # (measured: 9.5 vs 14.2 us for a tiny product; a decode step makes 73 calls). Registered once per process, also
 # when this file is imported a second time under another name.
@@ -381,4 +582,4 @@ if not hasattr(torch.ops.ml_mamba, "ssm_step"):
 
 
 __all__ = ["int8_gemv", "cpu_kernels_available", "fast_int8_gemv_available", "int8_gemv_reference", "ssm_step",
-           "ssm_step_reference", "supported_isas", "BLOCK"]
+           "ssm_step_reference", "supported_isas", "Mamba2Int8Step", "BLOCK"]

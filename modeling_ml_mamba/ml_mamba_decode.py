@@ -11,10 +11,11 @@ keep static addresses), so a decode step allocates nothing state-sized and has s
 `MLMambaForConditionalGeneration.forward` takes this path for a cached one-token step without gradients, hidden
 states or labels (what `generate` asks for), as ``config.decode_implementation`` says: ``"static"`` (default, eager),
 ``"graph"`` (CUDA graph on GPU), ``"compiled"`` (Inductor; a CUDA graph of the compiled step on GPU), or ``"eager"``
-(transformers' own modules). The SSM state stays in float32 whatever the weights'
-dtype. On CPU the static step stores the language model's float32 weights transposed once (`use_gemv_layout`), the
-layout in which MKL's matrix-vector product runs fastest; the compiled step keeps the default layout and multiplies
-by a fused reduction instead (`project`). The reference it is tested against is the eager path
+(transformers' own modules); an int8 Mamba-2 model on CPU runs its static and compiled steps as one call into C
+(`ml_mamba_cpu_kernels.Mamba2Int8Step`). The SSM state stays in float32 whatever the weights' dtype. On CPU the
+static step stores the language model's float32 weights transposed once (`use_gemv_layout`), the layout in which
+MKL's matrix-vector product runs fastest; the compiled step keeps the default layout and multiplies by a fused
+reduction instead (`project`). The reference it is tested against is the eager path
 (`tests/test_decode.py`).
 """
 
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ml_mamba_compat import advance_cache_count
-from .ml_mamba_cpu_kernels import cpu_kernels_available
+from .ml_mamba_cpu_kernels import Mamba2Int8Step, cpu_kernels_available
+from .ml_mamba_quant import INT8_ACTIVATION_ROWS
 
 LOG_DECAY_FLOOR = -80.0  # as ssd_step: exp() of anything below is 0 in float32
 # Up to how many rows a compiled CPU step multiplies as a fused reduction rather than calling the BLAS / int8 kernel
@@ -222,6 +224,9 @@ class StaticDecoder:
         use_gemv_layout(language_model, enabled=not compiled)
         use_gemv_layout(lm_head, enabled=not compiled)
         self.step = decode_step
+        # int8 Mamba-2 models on CPU: the whole step in C (ml_mamba_cpu_kernels.Mamba2Int8Step), static or compiled
+        self.native = (Mamba2Int8Step(language_model, lm_head) if device.type == "cpu" and kind == "mamba2"
+                       and Mamba2Int8Step.eligible(language_model, lm_head) else None)
         if compiled:
             # On CUDA we capture the compiled step ourselves (`CUDAGraphStep`) rather than with
             # mode="reduce-overhead", whose CUDA-graph trees skip functions that mutate their inputs (the states).
@@ -233,8 +238,12 @@ class StaticDecoder:
         layers = range(len(self.language_model.layers))
         conv_states = [cache.get_conv_state(i) for i in layers]
         ssm_states = [cache.get_recurrent_state(i) for i in layers]
-        logits = self.step(self.language_model, self.lm_head, input_ids, conv_states, ssm_states, self.kind,
-                           self.fused_ssm)
+        if (self.native is not None and input_ids.shape[0] <= INT8_ACTIVATION_ROWS
+                and all(state.is_contiguous() for state in conv_states + ssm_states)):
+            logits = self.native(input_ids, conv_states, ssm_states)
+        else:
+            logits = self.step(self.language_model, self.lm_head, input_ids, conv_states, ssm_states, self.kind,
+                               self.fused_ssm)
         for i in layers:
             advance_cache_count(cache, i)
         return logits

@@ -10,7 +10,8 @@ from transformers import TextIteratorStreamer
 from utils import digit_images, tiny_model
 
 from modeling_ml_mamba.ml_mamba_compat import CACHE_NAME
-from modeling_ml_mamba.ml_mamba_cpu_kernels import cpu_kernels_available, ssm_step, ssm_step_reference
+from modeling_ml_mamba.ml_mamba_cpu_kernels import (cpu_kernels_available, fast_int8_gemv_available, ssm_step,
+                                                    ssm_step_reference)
 
 
 def _pair(text, seed=0):
@@ -241,3 +242,56 @@ def test_one_pass_ssm_kernel_equals_its_reference(batch, heads, head_dim, groups
         ssm_step(state.clone(), x, dt, decay, B[:, :, 1:], C, D)
     with pytest.raises(ValueError, match="state must be contiguous"):
         ssm_step(state.transpose(2, 3).contiguous().transpose(2, 3), x, dt, decay, B, C, D)
+
+
+@pytest.mark.skipif(not fast_int8_gemv_available(), reason="no x86-64 AVX2 CPU and C compiler for our kernels")
+@pytest.mark.parametrize("variant", ["default", "groups, biases, dt limits"])
+def test_int8_step_in_c_equals_the_eager_path(variant):
+    """An int8 Mamba-2 model's static and compiled decode run the whole step in C (`Mamba2Int8Step`): per-step logits
+    and states as transformers' eager modules give them (same int8 kernel), n_groups > 1, projection and conv biases
+    and dt limits included; left-padded batches give the same tokens."""
+    from utils import text_config
+
+    from modeling_ml_mamba.ml_mamba_quant import quantize_int8
+
+    overrides = {} if variant == "default" else {"text_config": {**text_config("mamba2"), "n_groups": 2,
+                                                                 "use_bias": True, "time_step_limit": (0.05, 2.0)}}
+    model, processor = tiny_model("mlp", seed=6, **overrides)
+    with torch.no_grad():
+        for block in model.model.language_model.layers:  # make the parameters the step reads matter
+            block.mixer.dt_bias.normal_()
+            block.mixer.D.normal_()
+            block.norm.weight.uniform_(0.5, 1.5)
+    quantize_int8(model)
+    inputs = _batch(processor)
+    results = {}
+    for implementation in ("eager", "static"):
+        model.config.decode_implementation = implementation
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+            cache, token = getattr(out, CACHE_NAME), out.logits[:, -1:].argmax(-1)
+            logits = []
+            for _ in range(5):
+                step = model(input_ids=token, use_cache=True, **{CACHE_NAME: cache})
+                logits.append(step.logits)
+                token = step.logits[:, -1:].argmax(-1)
+        results[implementation] = torch.cat(logits, 1), cache
+    decoder = model._static_decoder()
+    assert decoder.native is not None
+    torch.testing.assert_close(results["static"][0], results["eager"][0], atol=1e-5, rtol=1e-4)
+    for i in range(model.config.text_config.num_hidden_layers):
+        torch.testing.assert_close(results["static"][1].get_recurrent_state(i),
+                                   results["eager"][1].get_recurrent_state(i), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(results["static"][1].get_conv_state(i), results["eager"][1].get_conv_state(i),
+                                   atol=1e-6, rtol=1e-5)
+    calls = []
+    native = decoder.native
+    decoder.native = lambda *args: calls.append(1) or native(*args)
+    expected = {}
+    for implementation in ("eager", "static", "compiled"):
+        model.config.decode_implementation = implementation
+        if implementation == "compiled":
+            model._static_decoder().native = lambda *args: calls.append(1) or native(*args)
+        expected[implementation] = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert torch.equal(expected["static"], expected["eager"]) and torch.equal(expected["compiled"], expected["eager"])
+    assert len(calls) == 8  # 4 decode steps each for static and compiled: all in C
