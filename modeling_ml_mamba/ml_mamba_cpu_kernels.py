@@ -286,13 +286,8 @@ int mamba2_int8_step(const mamba2_layer* layers, int64_t n_layers, float* const*
             const float* gate = zx + b * io;
             float* yb = y + b * di;
             for (int64_t k = 0; k < di; ++k) yb[k] *= silu(gate[k]);
-            for (int64_t start = 0; start < di; start += d->group_size) {
-                double sum = 0.0;
-                for (int64_t k = start; k < start + d->group_size; ++k) sum += (double)yb[k] * yb[k];
-                const float inv = 1.f / sqrtf((float)(sum / d->group_size) + d->gated_eps);
-                for (int64_t k = start; k < start + d->group_size; ++k)
-                    normed[b * di + k] = L->gnorm_w[k] * (yb[k] * inv);
-            }
+            for (int64_t start = 0; start < di; start += d->group_size)
+                rms_norm_row(yb + start, L->gnorm_w + start, normed + b * di + start, d->group_size, d->gated_eps);
         }
         status |= int8_gemv(normed, batch, di, L->out_w, L->out_s, out, dm, threads, isa);
         for (int64_t b = 0; b < batch; ++b)
@@ -501,8 +496,7 @@ class Mamba2Int8Step:
         self.layers = layers
         mixer, block = language_model.layers[0].mixer, language_model.layers[0]
         low, high = mixer.time_step_limit
-        self.dims = _Dims(language_model.config.hidden_size if hasattr(language_model, "config") else
-                          block.norm.weight.numel(), mixer.intermediate_size, mixer.conv_dim, mixer.conv_kernel_size,
+        self.dims = _Dims(block.norm.weight.numel(), mixer.intermediate_size, mixer.conv_dim, mixer.conv_kernel_size,
                           mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size, mixer.norm.group_size,
                           mixer.in_proj.out_features, block.norm.variance_epsilon, mixer.norm.variance_epsilon, low,
                           high)
