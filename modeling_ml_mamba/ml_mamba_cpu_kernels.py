@@ -504,6 +504,10 @@ class Mamba2Int8Step:
         self.norm_f_eps = language_model.norm_f.variance_epsilon
         self.head = (self._keep(lm_head.weight_int8), self._keep(lm_head.scale), self._keep(lm_head.bias))
 
+    def __reduce__(self):
+        # copies and pickles are built anew from the (copied) modules: the C pointers belong to these tensors only
+        return Mamba2Int8Step, (self.language_model, self.lm_head)
+
     def _keep(self, tensor):
         if tensor is None:
             return None

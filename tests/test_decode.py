@@ -2,6 +2,7 @@
 tokens (greedy, sampling, beam search, left-padded batches, streaming) and the compiled step, for Mamba-2 and
 Mamba-1 language models."""
 
+import copy
 import threading
 
 import pytest
@@ -295,3 +296,10 @@ def test_int8_step_in_c_equals_the_eager_path(variant):
         expected[implementation] = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert torch.equal(expected["static"], expected["eager"]) and torch.equal(expected["compiled"], expected["eager"])
     assert len(calls) == 8  # 4 decode steps each for static and compiled: all in C
+    model._static_decoder().native = native  # the spy out
+    duplicate = copy.deepcopy(model)  # a copy's C step points into the copy's own weights
+    copied = duplicate._static_decoder().native
+    assert copied is not native and copied.layers[0].in_w == duplicate.model.language_model.layers[0].mixer.in_proj \
+        .weight_int8.data_ptr()
+    assert torch.equal(duplicate.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False),
+                       expected["eager"])
