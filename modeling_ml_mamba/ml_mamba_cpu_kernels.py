@@ -12,10 +12,11 @@ them, a whole int8 Mamba-2 decode step.
   dot product with C and the skip term), in place. PyTorch makes three passes (``mul_``, ``addcmul_``, ``bmm``),
   Inductor's code two; over the 129M LM's 19 MB of states this kernel takes ~1.2 ms a token, and the int8 decode
   step 1.3-1.4 ms less than with PyTorch's passes (static 12.7 vs 14.2 ms, compiled 9.3 vs 10.6; RESULTS.md).
-* `Mamba2Int8Step`: every layer of an int8 Mamba-2 LM (norms, int8 projections, conv, dt, state update, gated norm,
-  residual) and the int8 head in one call per token. The compiled step still spent ~2 ms a token in Python
-  between its kernels (Dynamo's guards, Inductor's wrapper); in C the int8 step takes 6.4-6.7 ms against 8-10
-  compiled, 1.07-1.22x llama.cpp's Q8_0 on the same weights (`benchmarks/RESULTS.md`).
+* `Mamba2CStep`: every layer of a Mamba-2 LM with int8 or float32 projections (norms, projections, conv, dt, state
+  update, gated norm, residual) and the head in one call per token. The compiled int8 step spent ~2 ms a token in
+  Python between its kernels (Dynamo's guards, Inductor's wrapper); in C the int8 step takes 6.3-6.9 ms against
+  8-10 compiled (1.03-1.22x llama.cpp's Q8_0 on the same weights), the float32 one 18.9 against 40.3 for the Python
+  static step (`benchmarks/RESULTS.md`).
 
 The C source below is compiled once per machine with the system's C compiler (``$CC``, else ``gcc`` / ``cc``; the
 compiled step's Inductor needs one anyway) into ``$ML_MAMBA_KERNEL_CACHE`` (default ``~/.cache/ml_mamba/kernels``),
@@ -208,15 +209,47 @@ void ssm_step(float* state, const float* x, const float* dt, const float* decay,
     }
 }
 
-/* ---- A whole Mamba-2 decode step for int8 models: every layer in C, one call per token ---------------------- */
+/* ---- A whole Mamba-2 decode step: every layer in C, one call per token -------------------------------------- */
+
+/* float32 weights: one dot product per weight row, the rows of a thread's share read in one sequential stream */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static float dot_f32(const float* x, const float* w, int64_t n) {
+    float acc = 0.f;
+    #pragma omp simd reduction(+:acc)
+    for (int64_t k = 0; k < n; ++k) acc += x[k] * w[k];
+    return acc;
+}
+
+static void f32_gemv(const float* x, int64_t rows, int64_t n, const float* w, float* y, int64_t out, int threads) {
+    const int64_t per = 64, tasks = (out + per - 1) / per;
+    #pragma omp parallel for schedule(static) num_threads(threads) if(threads > 1 && out * n > 16384)
+    for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t r1 = (t + 1) * per < out ? (t + 1) * per : out;
+        for (int64_t r = t * per; r < r1; ++r)
+            for (int64_t b = 0; b < rows; ++b) y[b * out + r] = dot_f32(x + b * n, w + r * n, n);
+    }
+}
+
+/* y = x W^T + bias for int8 weights with bfloat16 row scales (scale != NULL) or float32 weights (scale == NULL) */
+static int project(const float* x, int64_t rows, int64_t n, const void* w, const uint16_t* scale, const float* bias,
+                   float* y, int64_t out, int threads, int isa) {
+    int status = 0;
+    if (scale) status = int8_gemv(x, rows, n, (const int8_t*)w, scale, y, out, threads, isa);
+    else f32_gemv(x, rows, n, (const float*)w, y, out, threads);
+    if (bias)
+        for (int64_t b = 0; b < rows; ++b)
+            for (int64_t k = 0; k < out; ++k) y[b * out + k] += bias[k];
+    return status;
+}
 
 typedef struct {
     const float* norm_w;                                      /* block RMSNorm (d_model) */
-    const int8_t* in_w; const uint16_t* in_s; const float* in_b;  /* in_proj (in_out, d_model), bias or NULL */
+    const void* in_w; const uint16_t* in_s; const float* in_b;  /* in_proj (in_out, d_model); int8 + scales or
+                                                                   float32 (in_s NULL); bias or NULL */
     const float* conv_w; const float* conv_b;                 /* depthwise conv (conv_dim, kernel), bias or NULL */
     const float* dt_bias; const float* A_log; const float* D;  /* (heads) each */
     const float* gnorm_w;                                     /* gated RMSNorm (d_inner) */
-    const int8_t* out_w; const uint16_t* out_s; const float* out_b;  /* out_proj (d_model, d_inner), bias or NULL */
+    const void* out_w; const uint16_t* out_s; const float* out_b;  /* out_proj (d_model, d_inner), the same */
 } mamba2_layer;
 
 typedef struct {
@@ -237,10 +270,10 @@ static inline float softplus(float v) { return v > 20.f ? v : log1pf(expf(v)); }
 /* One token for `batch` sequences: hidden (batch, d_model) holds the embeddings and is overwritten; logits
    (batch, vocab). conv_states[l] (batch, conv_dim, kernel) and ssm_states[l] (batch, heads, head_dim, n) advance in
    place. Returns 0, or 1 when scratch memory could not be allocated. */
-int mamba2_int8_step(const mamba2_layer* layers, int64_t n_layers, float* const* conv_states, float* const* ssm_states,
-                     float* hidden, int64_t batch, const float* norm_f_w, float norm_f_eps, const int8_t* head_w,
-                     const uint16_t* head_s, const float* head_b, int64_t vocab, float* logits,
-                     const mamba2_dims* d, int threads, int isa) {
+int mamba2_step(const mamba2_layer* layers, int64_t n_layers, float* const* conv_states, float* const* ssm_states,
+                float* hidden, int64_t batch, const float* norm_f_w, float norm_f_eps, const void* head_w,
+                const uint16_t* head_s, const float* head_b, int64_t vocab, float* logits, const mamba2_dims* d,
+                int threads, int isa) {
     const int64_t dm = d->d_model, di = d->d_inner, cd = d->conv_dim, K = d->kernel, H = d->heads, P = d->head_dim,
                   G = d->groups, N = d->n, io = d->in_out;
     float* normed = (float*)malloc(sizeof(float) * batch * (dm > di ? dm : di));
@@ -253,10 +286,9 @@ int mamba2_int8_step(const mamba2_layer* layers, int64_t n_layers, float* const*
     for (int64_t l = 0; l < n_layers && status == 0; ++l) {
         const mamba2_layer* L = layers + l;
         for (int64_t b = 0; b < batch; ++b) rms_norm_row(hidden + b * dm, L->norm_w, normed + b * dm, dm, d->norm_eps);
-        status |= int8_gemv(normed, batch, dm, L->in_w, L->in_s, zx, io, threads, isa);
+        status |= project(normed, batch, dm, L->in_w, L->in_s, L->in_b, zx, io, threads, isa);
         for (int64_t b = 0; b < batch; ++b) {
-            float* row = zx + b * io;
-            if (L->in_b) for (int64_t k = 0; k < io; ++k) row[k] += L->in_b[k];
+            const float* row = zx + b * io;
             /* the causal conv: shift the new inputs into the window, then a dot product per channel, then SiLU */
             float* window = conv_states[l] + b * cd * K;
             for (int64_t c = 0; c < cd; ++c) {
@@ -289,16 +321,12 @@ int mamba2_int8_step(const mamba2_layer* layers, int64_t n_layers, float* const*
             for (int64_t start = 0; start < di; start += d->group_size)
                 rms_norm_row(yb + start, L->gnorm_w + start, normed + b * di + start, d->group_size, d->gated_eps);
         }
-        status |= int8_gemv(normed, batch, di, L->out_w, L->out_s, out, dm, threads, isa);
-        for (int64_t b = 0; b < batch; ++b)
-            for (int64_t k = 0; k < dm; ++k) hidden[b * dm + k] += out[b * dm + k] + (L->out_b ? L->out_b[k] : 0.f);
+        status |= project(normed, batch, di, L->out_w, L->out_s, L->out_b, out, dm, threads, isa);
+        for (int64_t k = 0; k < batch * dm; ++k) hidden[k] += out[k];
     }
     if (status == 0) {
         for (int64_t b = 0; b < batch; ++b) rms_norm_row(hidden + b * dm, norm_f_w, normed + b * dm, dm, norm_f_eps);
-        status |= int8_gemv(normed, batch, dm, head_w, head_s, logits, vocab, threads, isa);
-        if (head_b)
-            for (int64_t b = 0; b < batch; ++b)
-                for (int64_t k = 0; k < vocab; ++k) logits[b * vocab + k] += head_b[k];
+        status |= project(normed, batch, dm, head_w, head_s, head_b, logits, vocab, threads, isa);
     }
     free(normed); free(zx); free(xbc); free(y); free(out); free(dts);
     return status;
@@ -348,11 +376,11 @@ def _library() -> ctypes.CDLL | None:
     library.int8_gemv_best_isa.restype = ctypes.c_int
     library.ssm_step.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 5 + [ctypes.c_int]
     library.ssm_step.restype = None
-    library.mamba2_int8_step.argtypes = [
+    library.mamba2_step.argtypes = [
         ctypes.POINTER(_Layer), ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p),
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.POINTER(_Dims), ctypes.c_int, ctypes.c_int]
-    library.mamba2_int8_step.restype = ctypes.c_int
+    library.mamba2_step.restype = ctypes.c_int
     return library
 
 
@@ -474,25 +502,25 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
-class Mamba2Int8Step:
-    """A whole Mamba-2 decode step in C (`mamba2_int8_step`): every layer's norm, int8 in_proj, conv, SSM update,
-    gated norm, int8 out_proj and residual, then the final norm and the int8 head, in one call per token, so no
-    Python runs between the kernels (a third of the compiled step's time at batch 1). For a language model whose
-    linear layers and head are `Int8Linear` and whose other weights are float32 (`eligible`)."""
+class Mamba2CStep:
+    """A whole Mamba-2 decode step in C (`mamba2_step`): every layer's norm, in_proj, conv, SSM update, gated norm,
+    out_proj and residual, then the final norm and the head, in one call per token, so no Python runs between the
+    kernels (~2 ms a token of the compiled int8 step). Projections are `Int8Linear` with int8 activations (our int8
+    GEMV) or float32 `nn.Linear` in the default layout (a dot product per weight row); the other weights float32
+    (`eligible`)."""
 
     def __init__(self, language_model, lm_head):
         self.language_model, self.lm_head = language_model, lm_head
-        self.tensors = []  # the contiguous float32 views the pointers point into, kept alive here
+        self.tensors = []  # the tensors the pointers point into, kept alive here
         layers = (_Layer * len(language_model.layers))()
         for layer, block in zip(layers, language_model.layers):
             mixer = block.mixer
             for name, tensor in (("norm_w", block.norm.weight), ("conv_w", mixer.conv1d.weight),
                                  ("conv_b", mixer.conv1d.bias), ("dt_bias", mixer.dt_bias), ("A_log", mixer.A_log),
-                                 ("D", mixer.D), ("gnorm_w", mixer.norm.weight), ("in_w", mixer.in_proj.weight_int8),
-                                 ("in_s", mixer.in_proj.scale), ("in_b", mixer.in_proj.bias),
-                                 ("out_w", mixer.out_proj.weight_int8), ("out_s", mixer.out_proj.scale),
-                                 ("out_b", mixer.out_proj.bias)):
+                                 ("D", mixer.D), ("gnorm_w", mixer.norm.weight)):
                 setattr(layer, name, self._keep(tensor))
+            layer.in_w, layer.in_s, layer.in_b = self._projection(mixer.in_proj)
+            layer.out_w, layer.out_s, layer.out_b = self._projection(mixer.out_proj)
         self.layers = layers
         mixer, block = language_model.layers[0].mixer, language_model.layers[0]
         low, high = mixer.time_step_limit
@@ -502,30 +530,46 @@ class Mamba2Int8Step:
                           high)
         self.norm_f = self._keep(language_model.norm_f.weight)
         self.norm_f_eps = language_model.norm_f.variance_epsilon
-        self.head = (self._keep(lm_head.weight_int8), self._keep(lm_head.scale), self._keep(lm_head.bias))
+        self.head = self._projection(lm_head)
 
     def __reduce__(self):
         # copies and pickles are built anew from the (copied) modules: the C pointers belong to these tensors only
-        return Mamba2Int8Step, (self.language_model, self.lm_head)
+        return Mamba2CStep, (self.language_model, self.lm_head)
 
     def _keep(self, tensor):
         if tensor is None:
             return None
-        tensor = tensor.detach().contiguous()
+        tensor = tensor.detach()
+        if not tensor.is_contiguous():
+            raise ValueError("Mamba2CStep needs contiguous weights (the default layout).")
         self.tensors.append(tensor)
         return tensor.data_ptr()
 
+    def _projection(self, linear) -> tuple:
+        """(weight, int8 row scales or None for float32 weights, bias) pointers of a projection."""
+        if getattr(linear, "int8_activations", False):
+            return self._keep(linear.weight_int8), self._keep(linear.scale), self._keep(linear.bias)
+        return self._keep(linear.weight), None, self._keep(linear.bias)
+
+    @staticmethod
+    def _projection_ok(linear) -> bool:
+        if getattr(linear, "int8_activations", False):
+            return fast_int8_gemv_available()
+        return (type(linear) is torch.nn.Linear and linear.weight.dtype == torch.float32
+                and linear.weight.device.type == "cpu" and (linear.bias is None or linear.bias.dtype == torch.float32))
+
     @staticmethod
     def eligible(language_model, lm_head) -> bool:
-        """Mamba-2 blocks of SiLU mixers whose in/out projections and head are `Int8Linear` with int8 activations
-        on CPU, with float32 norms, conv, ``A_log``, ``D`` and ``dt_bias``, and no extra MLP in ``in_proj``."""
-        if not (getattr(lm_head, "int8_activations", False) and fast_int8_gemv_available()):
+        """Mamba-2 blocks of SiLU mixers whose in/out projections and head are `Int8Linear` with int8 activations or
+        float32 `nn.Linear` on CPU, with float32 norms, conv, ``A_log``, ``D`` and ``dt_bias``, and no extra MLP in
+        ``in_proj``."""
+        if not cpu_kernels_available() or not Mamba2CStep._projection_ok(lm_head):
             return False
         for block in language_model.layers:
             mixer = getattr(block, "mixer", None)
             if mixer is None or not hasattr(mixer, "A_log") or mixer.activation not in ("silu", "swish"):
                 return False
-            if not all(getattr(linear, "int8_activations", False) for linear in (mixer.in_proj, mixer.out_proj)):
+            if not (Mamba2CStep._projection_ok(mixer.in_proj) and Mamba2CStep._projection_ok(mixer.out_proj)):
                 return False
             expected = mixer.intermediate_size + mixer.conv_dim + mixer.num_heads
             floats = [block.norm.weight, mixer.conv1d.weight, mixer.dt_bias, mixer.A_log, mixer.D, mixer.norm.weight]
@@ -538,16 +582,17 @@ class Mamba2Int8Step:
         hidden = self.language_model.embeddings(input_ids[:, 0]).float().contiguous()
         batch = hidden.shape[0]
         if not all(s.is_contiguous() and s.dtype == torch.float32 for s in list(conv_states) + list(ssm_states)):
-            raise ValueError("Mamba2Int8Step needs contiguous float32 conv and SSM states.")
+            raise ValueError("Mamba2CStep needs contiguous float32 conv and SSM states.")
         logits = torch.empty(batch, self.lm_head.out_features, dtype=torch.float32)
         pointers = ctypes.c_void_p * len(conv_states)
-        status = _library().mamba2_int8_step(
+        library = _library()
+        status = library.mamba2_step(
             self.layers, len(self.layers), pointers(*[s.data_ptr() for s in conv_states]),
             pointers(*[s.data_ptr() for s in ssm_states]), hidden.data_ptr(), batch, self.norm_f, self.norm_f_eps,
             *self.head, self.lm_head.out_features, logits.data_ptr(), ctypes.byref(self.dims),
-            torch.get_num_threads(), _library().int8_gemv_best_isa())
+            torch.get_num_threads(), library.int8_gemv_best_isa())
         if status:
-            raise MemoryError("mamba2_int8_step could not allocate its scratch buffers.")
+            raise MemoryError("mamba2_step could not allocate its scratch buffers.")
         return logits
 
 
@@ -580,4 +625,4 @@ if not hasattr(torch.ops.ml_mamba, "ssm_step"):
 
 
 __all__ = ["int8_gemv", "cpu_kernels_available", "fast_int8_gemv_available", "int8_gemv_reference", "ssm_step",
-           "ssm_step_reference", "supported_isas", "Mamba2Int8Step", "BLOCK"]
+           "ssm_step_reference", "supported_isas", "Mamba2CStep", "BLOCK"]

@@ -11,8 +11,8 @@ keep static addresses), so a decode step allocates nothing state-sized and has s
 `MLMambaForConditionalGeneration.forward` takes this path for a cached one-token step without gradients, hidden
 states or labels (what `generate` asks for), as ``config.decode_implementation`` says: ``"static"`` (default, eager),
 ``"graph"`` (CUDA graph on GPU), ``"compiled"`` (Inductor; a CUDA graph of the compiled step on GPU), or ``"eager"``
-(transformers' own modules); an int8 Mamba-2 model on CPU runs its static and compiled steps as one call into C
-(`ml_mamba_cpu_kernels.Mamba2Int8Step`). The SSM state stays in float32 whatever the weights' dtype. On CPU the
+(transformers' own modules); on CPU a Mamba-2 model with float32 or int8 projections runs its static step (an
+int8 model its compiled step too) as one call into C (`ml_mamba_cpu_kernels.Mamba2CStep`). The SSM state stays in float32 whatever the weights' dtype. On CPU the
 static step stores the language model's float32 weights transposed once (`use_gemv_layout`), the layout in which
 MKL's matrix-vector product runs fastest; the compiled step keeps the default layout and multiplies by a fused
 reduction instead (`project`). The reference it is tested against is the eager path
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ml_mamba_compat import advance_cache_count
-from .ml_mamba_cpu_kernels import Mamba2Int8Step, cpu_kernels_available
+from .ml_mamba_cpu_kernels import Mamba2CStep, cpu_kernels_available
 from .ml_mamba_quant import INT8_ACTIVATION_ROWS
 
 LOG_DECAY_FLOOR = -80.0  # as ssd_step: exp() of anything below is 0 in float32
@@ -220,13 +220,15 @@ class StaticDecoder:
         self.graph = graph = (graph or compiled) and device.type == "cuda"
         # Mamba-2 states through our one-pass C kernel on CPU (~2.5x less time on the states of the 129M LM)
         self.fused_ssm = device.type == "cpu" and kind == "mamba2" and cpu_kernels_available()
-        # eager: MKL's GEMV wants the transposed layout; compiled: `project`'s fused reduction wants the default one
-        use_gemv_layout(language_model, enabled=not compiled)
-        use_gemv_layout(lm_head, enabled=not compiled)
+        # Mamba-2 on CPU: the whole step in C (ml_mamba_cpu_kernels.Mamba2CStep) for the static step, and for the
+        # compiled one of int8 models (Inductor's float32 step is as fast, and what "compiled" asks for)
+        native = (device.type == "cpu" and kind == "mamba2" and Mamba2CStep.eligible(language_model, lm_head)
+                  and (not compiled or getattr(lm_head, "int8_activations", False)))
+        # eager: MKL's GEMV wants the transposed layout; compiled and C: the default one
+        use_gemv_layout(language_model, enabled=not compiled and not native)
+        use_gemv_layout(lm_head, enabled=not compiled and not native)
+        self.native = Mamba2CStep(language_model, lm_head) if native else None
         self.step = decode_step
-        # int8 Mamba-2 models on CPU: the whole step in C (ml_mamba_cpu_kernels.Mamba2Int8Step), static or compiled
-        self.native = (Mamba2Int8Step(language_model, lm_head) if device.type == "cpu" and kind == "mamba2"
-                       and Mamba2Int8Step.eligible(language_model, lm_head) else None)
         if compiled:
             # On CUDA we capture the compiled step ourselves (`CUDAGraphStep`) rather than with
             # mode="reduce-overhead", whose CUDA-graph trees skip functions that mutate their inputs (the states).

@@ -179,11 +179,12 @@ def test_a_cached_step_ignores_the_mask_of_the_past(text):
 
 
 def test_decode_layout_keeps_values_ties_and_saving(tmp_path):
-    """The static step stores the LM's float32 weights transposed on CPU (a faster GEMV); values, weight tying,
-    `save_pretrained` and reloading are unchanged, and only the LM's weights change layout."""
+    """The static step of a Mamba-1 LM (and of a Mamba-2 LM without our C step) stores the LM's float32 weights
+    transposed on CPU (a faster GEMV); values, weight tying, `save_pretrained` and reloading are unchanged, and only
+    the LM's weights change layout."""
     from transformers import AutoModelForImageTextToText
 
-    model, processor = _pair("mamba2")
+    model, processor = _pair("mamba")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     inputs = _batch(processor, count=1)
     model.generate(**inputs, max_new_tokens=2, do_sample=False)
@@ -246,11 +247,12 @@ def test_one_pass_ssm_kernel_equals_its_reference(batch, heads, head_dim, groups
 
 
 @pytest.mark.skipif(not fast_int8_gemv_available(), reason="no x86-64 AVX2 CPU and C compiler for our kernels")
+@pytest.mark.parametrize("precision", ["int8", "float32"])
 @pytest.mark.parametrize("variant", ["default", "groups, biases, dt limits"])
-def test_int8_step_in_c_equals_the_eager_path(variant):
-    """An int8 Mamba-2 model's static and compiled decode run the whole step in C (`Mamba2Int8Step`): per-step logits
-    and states as transformers' eager modules give them (same int8 kernel), n_groups > 1, projection and conv biases
-    and dt limits included; left-padded batches give the same tokens."""
+def test_step_in_c_equals_the_eager_path(variant, precision):
+    """A Mamba-2 model's static decode (and an int8 model's compiled one) runs the whole step in C (`Mamba2CStep`):
+    per-step logits and states as transformers' eager modules give them (the same int8 kernel for int8), n_groups >
+    1, projection and conv biases and dt limits included; left-padded batches give the same tokens."""
     from utils import text_config
 
     from modeling_ml_mamba.ml_mamba_quant import quantize_int8
@@ -263,7 +265,8 @@ def test_int8_step_in_c_equals_the_eager_path(variant):
             block.mixer.dt_bias.normal_()
             block.mixer.D.normal_()
             block.norm.weight.uniform_(0.5, 1.5)
-    quantize_int8(model)
+    if precision == "int8":
+        quantize_int8(model)
     inputs = _batch(processor)
     results = {}
     for implementation in ("eager", "static"):
@@ -291,15 +294,16 @@ def test_int8_step_in_c_equals_the_eager_path(variant):
     expected = {}
     for implementation in ("eager", "static", "compiled"):
         model.config.decode_implementation = implementation
-        if implementation == "compiled":
+        if implementation == "compiled" and precision == "int8":  # float32 compiles with Inductor instead
             model._static_decoder().native = lambda *args: calls.append(1) or native(*args)
         expected[implementation] = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert torch.equal(expected["static"], expected["eager"]) and torch.equal(expected["compiled"], expected["eager"])
-    assert len(calls) == 8  # 4 decode steps each for static and compiled: all in C
+    assert len(calls) == (8 if precision == "int8" else 4)  # 4 decode steps each for static (and compiled): in C
+    model.config.decode_implementation = "static"
     model._static_decoder().native = native  # the spy out
     duplicate = copy.deepcopy(model)  # a copy's C step points into the copy's own weights
     copied = duplicate._static_decoder().native
-    assert copied is not native and copied.layers[0].in_w == duplicate.model.language_model.layers[0].mixer.in_proj \
-        .weight_int8.data_ptr()
+    in_proj = duplicate.model.language_model.layers[0].mixer.in_proj
+    assert copied is not native and copied.layers[0].in_w == getattr(in_proj, "weight_int8", in_proj.weight).data_ptr()
     assert torch.equal(duplicate.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False),
                        expected["eager"])
