@@ -26,22 +26,28 @@ def _batch(processor, count=3):
                      return_tensors="pt")
 
 
-@pytest.mark.parametrize("text", ["mamba2", "mamba"])
-def test_static_steps_equal_the_eager_path(text):
-    model, processor = _pair(text)
-    inputs = _batch(processor)
+def _steps_by_implementation(model, inputs, steps=6, implementations=("eager", "static")):
+    """{implementation: (the logits of ``steps`` greedy cached one-token steps after the prefill, the cache)}."""
     results = {}
-    for implementation in ("eager", "static"):
+    for implementation in implementations:
         model.config.decode_implementation = implementation
         with torch.no_grad():
             out = model(**inputs, use_cache=True)
             cache, token = getattr(out, CACHE_NAME), out.logits[:, -1:].argmax(-1)
             logits = []
-            for _ in range(6):
+            for _ in range(steps):
                 step = model(input_ids=token, use_cache=True, **{CACHE_NAME: cache})
                 logits.append(step.logits)
                 token = step.logits[:, -1:].argmax(-1)
         results[implementation] = torch.cat(logits, 1), cache
+    return results
+
+
+@pytest.mark.parametrize("text", ["mamba2", "mamba"])
+def test_static_steps_equal_the_eager_path(text):
+    model, processor = _pair(text)
+    inputs = _batch(processor)
+    results = _steps_by_implementation(model, inputs)
     torch.testing.assert_close(results["static"][0], results["eager"][0], atol=2e-5, rtol=1e-4)
     if text == "mamba2" and cpu_kernels_available():  # the states went through the one-pass C kernel
         assert model._static_decoder().fused_ssm and results["static"][1].get_recurrent_state(0).is_contiguous()
@@ -268,18 +274,7 @@ def test_step_in_c_equals_the_eager_path(variant, precision):
     if precision == "int8":
         quantize_int8(model)
     inputs = _batch(processor)
-    results = {}
-    for implementation in ("eager", "static"):
-        model.config.decode_implementation = implementation
-        with torch.no_grad():
-            out = model(**inputs, use_cache=True)
-            cache, token = getattr(out, CACHE_NAME), out.logits[:, -1:].argmax(-1)
-            logits = []
-            for _ in range(5):
-                step = model(input_ids=token, use_cache=True, **{CACHE_NAME: cache})
-                logits.append(step.logits)
-                token = step.logits[:, -1:].argmax(-1)
-        results[implementation] = torch.cat(logits, 1), cache
+    results = _steps_by_implementation(model, inputs, steps=5)
     decoder = model._static_decoder()
     assert decoder.native is not None
     torch.testing.assert_close(results["static"][0], results["eager"][0], atol=1e-5, rtol=1e-4)
