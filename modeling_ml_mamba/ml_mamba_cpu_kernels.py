@@ -281,7 +281,8 @@ int mamba2_step(const mamba2_layer* layers, int64_t n_layers, float* const* conv
     float* xbc = (float*)malloc(sizeof(float) * batch * cd);
     float* y = (float*)malloc(sizeof(float) * batch * di);
     float* out = (float*)malloc(sizeof(float) * batch * dm);
-    float* dts = (float*)malloc(sizeof(float) * batch * H * 2);
+    float* dts = (float*)malloc(sizeof(float) * batch * H * 2);  /* dt, then the decays */
+    float* decays = dts + batch * H;
     int status = (normed && zx && xbc && y && out && dts) ? 0 : 1;
     for (int64_t l = 0; l < n_layers && status == 0; ++l) {
         const mamba2_layer* L = layers + l;
@@ -303,16 +304,14 @@ int mamba2_step(const mamba2_layer* layers, int64_t n_layers, float* const* conv
                 float dt = softplus(row[di + cd + h] + L->dt_bias[h]);
                 dt = dt < d->dt_min ? d->dt_min : dt > d->dt_max ? d->dt_max : dt;
                 float log_decay = dt * -expf(L->A_log[h]);
-                dts[(b * H + h) * 2] = dt;
-                dts[(b * H + h) * 2 + 1] = expf(log_decay < -80.f ? -80.f : log_decay);
+                dts[b * H + h] = dt;
+                decays[b * H + h] = expf(log_decay < -80.f ? -80.f : log_decay);
             }
         }
-        #pragma omp parallel for schedule(static) num_threads(threads) if(threads > 1 && batch * H * P * N > 65536)
-        for (int64_t bh = 0; bh < batch * H; ++bh) {
-            const int64_t b = bh / H, h = bh % H, g = h / (H / G);
+        for (int64_t b = 0; b < batch; ++b) {  /* x, B and C lie side by side in each row of xbc */
             const float* xb = xbc + b * cd;
-            ssm_head(ssm_states[l] + bh * P * N, xb + h * P, dts[bh * 2], dts[bh * 2 + 1], xb + di + g * N,
-                     xb + di + G * N + g * N, L->D[h], y + b * di + h * P, P, N);
+            ssm_step(ssm_states[l] + b * H * P * N, xb, dts + b * H, decays + b * H, xb + di, xb + di + G * N, L->D,
+                     y + b * di, 1, H, P, G, N, threads);
         }
         for (int64_t b = 0; b < batch; ++b) {  /* gated RMSNorm per group, then out_proj's input */
             const float* gate = zx + b * io;
@@ -476,7 +475,8 @@ def _run_ssm(library, state, x, dt, decay, B, C, D) -> torch.Tensor:
 
 
 def ssm_step_reference(state, x, dt, decay, B, C, D) -> torch.Tensor:
-    """`ssm_step` with PyTorch ops (the eager static step's arithmetic), ``state`` updated in place."""
+    """`ssm_step` with PyTorch ops, ``state`` updated in place: the static step's path where the kernel is not
+    used, and the reference the kernel is tested against."""
     batch, heads, head_dim, n = state.shape
     groups = B.shape[1]
     grouped = state.view(batch, groups, heads // groups, head_dim, n)

@@ -12,11 +12,11 @@ keep static addresses), so a decode step allocates nothing state-sized and has s
 states or labels (what `generate` asks for), as ``config.decode_implementation`` says: ``"static"`` (default, eager),
 ``"graph"`` (CUDA graph on GPU), ``"compiled"`` (Inductor; a CUDA graph of the compiled step on GPU), or ``"eager"``
 (transformers' own modules); on CPU a Mamba-2 model with float32 or int8 projections runs its static step (an
-int8 model its compiled step too) as one call into C (`ml_mamba_cpu_kernels.Mamba2CStep`). The SSM state stays in float32 whatever the weights' dtype. On CPU the
-static step stores the language model's float32 weights transposed once (`use_gemv_layout`), the layout in which
-MKL's matrix-vector product runs fastest; the compiled step keeps the default layout and multiplies by a fused
-reduction instead (`project`). The reference it is tested against is the eager path
-(`tests/test_decode.py`).
+int8 model its compiled step too) as one call into C (`ml_mamba_cpu_kernels.Mamba2CStep`). The SSM state stays in
+float32 whatever the weights' dtype. Otherwise, on CPU, the static step stores the language model's float32 weights
+transposed once (`use_gemv_layout`), the layout in which MKL's matrix-vector product runs fastest; the compiled step
+keeps the default layout and multiplies by a fused reduction instead (`project`). The reference it is tested
+against is the eager path (`tests/test_decode.py`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ml_mamba_compat import advance_cache_count
-from .ml_mamba_cpu_kernels import Mamba2CStep, cpu_kernels_available
+from .ml_mamba_cpu_kernels import Mamba2CStep, cpu_kernels_available, ssm_step_reference
 from .ml_mamba_quant import INT8_ACTIVATION_ROWS
 
 LOG_DECAY_FLOOR = -80.0  # as ssd_step: exp() of anything below is 0 in float32
@@ -81,19 +81,11 @@ def _mamba2_mixer(mixer: nn.Module, x: torch.Tensor, conv_state: torch.Tensor, s
     if low > 0.0 or high != float("inf"):
         dt = dt.clamp(min=low, max=high)
     A = -torch.exp(mixer.A_log.float())
-    r = heads // groups
     decay = (dt * A).clamp(min=LOG_DECAY_FLOOR).exp()
-    if fused_ssm and ssm_state.is_contiguous():  # one pass over the state in our C kernel (ml_mamba_cpu_kernels)
-        y = torch.ops.ml_mamba.ssm_step(ssm_state, x.float().view(batch, heads, head_dim), dt, decay,
-                                        B.float().view(batch, groups, state_size),
-                                        C.float().view(batch, groups, state_size), mixer.D.float())
-    else:
-        x_dt = (x.float().view(batch, heads, head_dim) * dt[..., None]).view(batch, groups, r, head_dim, 1)
-        state = ssm_state.view(batch, groups, r, head_dim, state_size)
-        state.mul_(decay.view(batch, groups, r, 1, 1)).addcmul_(x_dt, B.float().view(batch, groups, 1, 1, state_size))
-        y = torch.bmm(state.view(batch * groups, r * head_dim, state_size),
-                      C.float().view(batch * groups, state_size, 1))
-        y = y.view(batch, heads, head_dim) + mixer.D.float()[:, None] * x.float().view(batch, heads, head_dim)
+    # one pass over the state in our C kernel, or PyTorch's three (ml_mamba_cpu_kernels)
+    update = torch.ops.ml_mamba.ssm_step if fused_ssm and ssm_state.is_contiguous() else ssm_step_reference
+    y = update(ssm_state, x.float().view(batch, heads, head_dim), dt, decay, B.float().view(batch, groups, state_size),
+               C.float().view(batch, groups, state_size), mixer.D.float())
     y = y.view(batch, mixer.intermediate_size).to(dtype)
 
     return project(mixer.out_proj, mixer.norm(y, gate).to(dtype))  # the mixer's own gated RMSNorm
